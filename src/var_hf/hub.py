@@ -1,0 +1,49 @@
+"""Publishing pipelines to the Hugging Face Hub: an allow-list upload that never sends pickles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from huggingface_hub import HfApi
+
+from .safety import check_folder_has_no_pickles
+
+# What a published pipeline consists of; optimizer/RNG states, checkpoints and anything else stay local.
+UPLOAD_ALLOW_PATTERNS = ["*.json", "*.safetensors", "README.md"]
+
+
+def push_folder_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload VAR pipeline (var-hf)",
+    revision: str | None = None,
+) -> str:
+    """Create `repo_id` if needed and upload the pipeline in `folder` (configs, safetensors, card). Returns the commit URL."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"{folder} is not a pipeline folder (no model_index.json)")
+    for sub in ("transformer", "vqvae"):
+        if not (folder / sub).is_dir():
+            raise ValueError(f"{folder} lacks the {sub}/ component")
+        check_folder_has_no_pickles(folder / sub)
+    if not (folder / "README.md").is_file():
+        from .model_card import write_model_card
+        from .pipeline_var import VARPipeline
+
+        write_model_card(folder, VARPipeline.from_pretrained(folder), repo_id=repo_id)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        allow_patterns=UPLOAD_ALLOW_PATTERNS,
+        commit_message=commit_message,
+        revision=revision,
+        repo_type="model",
+    )
+    return str(getattr(info, "commit_url", info))
+
+
+__all__ = ["push_folder_to_hub", "UPLOAD_ALLOW_PATTERNS"]

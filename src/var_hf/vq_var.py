@@ -1,0 +1,416 @@
+"""Multi-scale residual VQ tokenizer of VAR (VQGAN encoder/decoder + residual quantizer with shared Phi convolutions).
+
+Shapes: B batch, Cvae latent channels, h = w = last patch number (latent side), pn side of one scale's token map,
+V codebook size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.utils import BaseOutput
+from torch import nn
+
+
+def upstream_phi_index_per_scale(num_scales: int, phi_count: int) -> list[int]:
+    """
+    Which Phi convolution each scale uses, exactly as upstream picks it: scale `si` at ratio r = si / (K - 1) takes the
+    Phi whose tick is nearest (first on ties, float64). Ticks are evenly spaced from 1/(3n) to 1 - 1/(3n) for n = 4
+    Phis (the released tokenizer), else from 1/(2n) to 1 - 1/(2n).
+    """
+    if phi_count <= 0:
+        return [0] * num_scales
+    if phi_count == 1:
+        return [0] * num_scales
+    n = phi_count
+    ticks = np.linspace(1 / 3 / n, 1 - 1 / 3 / n, n) if n == 4 else np.linspace(1 / 2 / n, 1 - 1 / 2 / n, n)
+    return [int(np.argmin(np.abs(ticks - si / (num_scales - 1)))) for si in range(num_scales)]
+
+
+@dataclass
+class MultiScaleVQEncoderOutput(BaseOutput):
+    """
+    Args:
+        scale_indices (`list[torch.LongTensor]`): token ids of every scale, each `(B, pn * pn)`, row-major.
+        f_hat (`torch.FloatTensor` of shape `(B, Cvae, h, w)`): the accumulated quantized latent.
+    """
+
+    scale_indices: list[torch.LongTensor]
+    f_hat: torch.FloatTensor
+
+
+@dataclass
+class MultiScaleVQDecoderOutput(BaseOutput):
+    """
+    Args:
+        sample (`torch.FloatTensor` of shape `(B, 3, H, W)`): decoded images in [-1, 1].
+    """
+
+    sample: torch.FloatTensor
+
+
+# --------------------------------------------------------------------------------------------------- encoder / decoder
+def vq_group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class VQResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = vq_group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.norm2 = vq_group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout) if dropout > 1e-6 else nn.Identity()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class VQAttnBlock(nn.Module):
+    """Single-head self-attention over all positions, with one fused 1×1 qkv convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+        self.norm = vq_group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        query, key, value = self.qkv(self.norm(x)).reshape(batch, 3, channels, height * width).unbind(1)  # (B, C, N)
+        weights = torch.bmm(query.permute(0, 2, 1), key).mul_(channels**-0.5).softmax(dim=2)  # (B, N_q, N_k)
+        attended = torch.bmm(value, weights.permute(0, 2, 1)).view(batch, channels, height, width)  # (B, C, H, W)
+        return x + self.proj_out(attended)
+
+
+class VQDownsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class VQUpsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class VQEncoder(nn.Module):
+    """Image (B, 3, H, W) -> latent (B, Cvae, H / 2^(levels-1), W / 2^(levels-1))."""
+
+    def __init__(self, in_channels, base_channels, channel_multipliers, num_res_blocks, latent_channels, dropout, use_attention, use_mid_attention):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, base_channels, kernel_size=3, padding=1)
+        num_levels = len(channel_multipliers)
+        in_multipliers = (1,) + tuple(channel_multipliers)
+        self.down = nn.ModuleList()
+        for level in range(num_levels):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            block_in, block_out = base_channels * in_multipliers[level], base_channels * channel_multipliers[level]
+            for _ in range(num_res_blocks):
+                stage.block.append(VQResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+                if level == num_levels - 1 and use_attention:
+                    stage.attn.append(VQAttnBlock(block_in))
+            if level != num_levels - 1:
+                stage.downsample = VQDownsample(block_in)
+            self.down.append(stage)
+        self.mid = nn.Module()
+        self.mid.block_1 = VQResnetBlock(block_in, block_in, dropout)
+        self.mid.attn_1 = VQAttnBlock(block_in) if use_mid_attention else nn.Identity()
+        self.mid.block_2 = VQResnetBlock(block_in, block_in, dropout)
+        self.norm_out = vq_group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, latent_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level, stage in enumerate(self.down):
+            for i, block in enumerate(stage.block):
+                h = block(h)
+                if len(stage.attn) > 0:
+                    h = stage.attn[i](h)
+            if hasattr(stage, "downsample"):
+                h = stage.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VQDecoder(nn.Module):
+    """Latent (B, Cvae, h, w) -> image (B, 3, h · 2^(levels-1), w · 2^(levels-1)). Stages are stored low to high
+    resolution index (`up.0` is the full-resolution stage) and run from the last to the first."""
+
+    def __init__(self, out_channels, base_channels, channel_multipliers, num_res_blocks, latent_channels, dropout, use_attention, use_mid_attention):
+        super().__init__()
+        num_levels = len(channel_multipliers)
+        block_in = base_channels * channel_multipliers[-1]
+        self.conv_in = nn.Conv2d(latent_channels, block_in, kernel_size=3, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = VQResnetBlock(block_in, block_in, dropout)
+        self.mid.attn_1 = VQAttnBlock(block_in) if use_mid_attention else nn.Identity()
+        self.mid.block_2 = VQResnetBlock(block_in, block_in, dropout)
+        stages = []
+        for level in reversed(range(num_levels)):
+            stage = nn.Module()
+            stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
+            block_out = base_channels * channel_multipliers[level]
+            for _ in range(num_res_blocks + 1):
+                stage.block.append(VQResnetBlock(block_in, block_out, dropout))
+                block_in = block_out
+                if level == num_levels - 1 and use_attention:
+                    stage.attn.append(VQAttnBlock(block_in))
+            if level != 0:
+                stage.upsample = VQUpsample(block_in)
+            stages.insert(0, stage)
+        self.up = nn.ModuleList(stages)
+        self.norm_out = vq_group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for stage in reversed(self.up):
+            for i, block in enumerate(stage.block):
+                h = block(h)
+                if len(stage.attn) > 0:
+                    h = stage.attn[i](h)
+            if hasattr(stage, "upsample"):
+                h = stage.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# --------------------------------------------------------------------------------------------------------- quantizer
+class VQPhi(nn.Conv2d):
+    """Phi(h) = (1 - ratio)·h + ratio·Conv3x3(h): the residual refinement after upsampling a scale."""
+
+    def __init__(self, channels: int, residual_ratio: float):
+        super().__init__(channels, channels, kernel_size=3, padding=1)
+        self.residual_ratio = abs(residual_ratio)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h.mul(1 - self.residual_ratio) + super().forward(h).mul_(self.residual_ratio)
+
+
+class MultiScaleResidualQuantizer(nn.Module):
+    """Codebook + shared Phi convolutions; the per-scale residual quantization of VAR (paper Algorithm 1)."""
+
+    def __init__(self, codebook_size: int, latent_channels: int, patch_nums, phi_count: int, phi_residual_ratio: float, phi_index_per_scale):
+        super().__init__()
+        self.patch_nums = list(patch_nums)
+        self.phi_index_per_scale = list(phi_index_per_scale)
+        self.embedding = nn.Embedding(codebook_size, latent_channels)
+        self.phis = nn.ModuleList([VQPhi(latent_channels, phi_residual_ratio) for _ in range(phi_count)])
+
+    def phi(self, scale_index: int, h: torch.Tensor) -> torch.Tensor:
+        if len(self.phis) == 0:  # phi_residual_ratio == 0: identity
+            return h
+        return self.phis[self.phi_index_per_scale[scale_index]](h)
+
+    def upsampled_scale(self, scale_index: int, h: torch.Tensor) -> torch.Tensor:
+        """Phi(bicubic_up(h)) for scales before the last, Phi(h) for the last; (B, Cvae, pn, pn) -> (B, Cvae, h, w)."""
+        side = self.patch_nums[-1]
+        if scale_index != len(self.patch_nums) - 1:
+            h = F.interpolate(h, size=(side, side), mode="bicubic")
+        return self.phi(scale_index, h)
+
+    def lookup(self, indices: torch.LongTensor, side: int) -> torch.Tensor:
+        """Token ids (B, pn²) -> embeddings (B, Cvae, pn, pn)."""
+        return self.embedding(indices).transpose(1, 2).reshape(indices.shape[0], -1, side, side)
+
+    def nearest_code(self, z: torch.Tensor) -> torch.LongTensor:
+        """Squared-L2 nearest codebook entry of each row of z (N, Cvae) -> (N,)."""
+        codebook = self.embedding.weight.data.float()
+        distances = torch.sum(z.square(), dim=1, keepdim=True) + torch.sum(codebook.square(), dim=1)
+        distances.addmm_(z, codebook.T, alpha=-2, beta=1)  # (N, V)
+        return torch.argmin(distances, dim=1)
+
+    def quantize(self, f: torch.Tensor) -> tuple[list[torch.LongTensor], torch.Tensor]:
+        """Latent f (B, Cvae, h, w) -> (token ids per scale, accumulated f_hat)."""
+        batch, channels, height, width = f.shape
+        if height != self.patch_nums[-1] or width != self.patch_nums[-1]:
+            raise ValueError(f"latent of side {height}x{width} does not match the last scale {self.patch_nums[-1]}")
+        f_rest = f.detach().float().clone()
+        f_hat = torch.zeros_like(f_rest)
+        scale_indices = []
+        last = len(self.patch_nums) - 1
+        for si, pn in enumerate(self.patch_nums):
+            z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != last else f_rest
+            indices = self.nearest_code(z.permute(0, 2, 3, 1).reshape(-1, channels)).view(batch, pn * pn)
+            h = self.upsampled_scale(si, self.lookup(indices, pn))
+            f_hat.add_(h)
+            f_rest.sub_(h)
+            scale_indices.append(indices)
+        return scale_indices, f_hat
+
+
+# ------------------------------------------------------------------------------------------------------------- model
+class MultiScaleVQModel(ModelMixin, ConfigMixin):
+    r"""
+    VAR's multi-scale VQ tokenizer. Defaults describe the released `vae_ch160v4096z32` (ImageNet 256 px).
+
+    Parameters:
+        codebook_size (`int`): vocabulary V.
+        latent_channels (`int`): latent channels Cvae.
+        base_channels (`int`): channels of the first encoder level (upstream `ch`).
+        channel_multipliers (`tuple[int]`): per-level channel multipliers; the downsampling factor is 2^(levels-1).
+        num_res_blocks (`int`): ResNet blocks per encoder level (the decoder has one more).
+        dropout (`float`): dropout inside the ResNet blocks.
+        use_attention (`bool`): self-attention after each block of the lowest-resolution level.
+        use_mid_attention (`bool`): self-attention in the middle block.
+        patch_nums (`tuple[int]`): side of each scale's token map; the last equals the latent side.
+        phi_count (`int`): number of shared Phi convolutions (0 when `phi_residual_ratio` is 0).
+        phi_residual_ratio (`float`): Phi(h) = (1 - ratio)·h + ratio·conv(h).
+        phi_index_per_scale (`tuple[int]`, *optional*): Phi used by each scale; upstream's nearest-tick rule if `None`.
+        beta (`float`): commitment-loss weight (training only).
+    """
+
+    _supports_gradient_checkpointing = False
+    _skip_layerwise_casting_patterns = ["quantizer"]
+    _keep_in_fp32_modules = ["quantizer"]
+
+    @register_to_config
+    def __init__(
+        self,
+        codebook_size: int = 4096,
+        latent_channels: int = 32,
+        base_channels: int = 160,
+        channel_multipliers: tuple[int, ...] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        dropout: float = 0.0,
+        use_attention: bool = True,
+        use_mid_attention: bool = True,
+        in_channels: int = 3,
+        patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+        phi_count: int = 4,
+        phi_residual_ratio: float = 0.5,
+        phi_index_per_scale: tuple[int, ...] | None = None,
+        beta: float = 0.25,
+    ):
+        super().__init__()
+        if len(patch_nums) < 2 or list(patch_nums) != sorted(patch_nums) or min(patch_nums) < 1:
+            raise ValueError(f"patch_nums must be at least two increasing positive sides, got {patch_nums}")
+        if base_channels % 32 or any(base_channels * m % 32 for m in channel_multipliers):
+            raise ValueError("every level's channel count must be a multiple of 32 (GroupNorm with 32 groups)")
+        if abs(phi_residual_ratio) <= 1e-6:
+            phi_count = 0
+        if phi_index_per_scale is None:
+            phi_index_per_scale = upstream_phi_index_per_scale(len(patch_nums), phi_count)
+            self.register_to_config(phi_index_per_scale=list(phi_index_per_scale), phi_count=phi_count)
+        if len(phi_index_per_scale) != len(patch_nums) or (phi_count and max(phi_index_per_scale) >= phi_count):
+            raise ValueError(f"phi_index_per_scale {phi_index_per_scale} does not fit {len(patch_nums)} scales and {phi_count} Phis")
+
+        args = (base_channels, channel_multipliers, num_res_blocks, latent_channels, dropout, use_attention, use_mid_attention)
+        self.encoder = VQEncoder(in_channels, *args)
+        self.decoder = VQDecoder(in_channels, *args)
+        self.quant_conv = nn.Conv2d(latent_channels, latent_channels, kernel_size=3, padding=1)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, kernel_size=3, padding=1)
+        self.quantizer = MultiScaleResidualQuantizer(
+            codebook_size, latent_channels, patch_nums, phi_count, phi_residual_ratio, phi_index_per_scale
+        )
+
+    # ------------------------------------------------------------------------------------------------ sizes
+    @property
+    def patch_nums(self) -> list[int]:
+        return list(self.config.patch_nums)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.channel_multipliers) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """Image side the patch schedule is made for."""
+        return self.patch_nums[-1] * self.downsample_factor
+
+    # -------------------------------------------------------------------------------------------- tokenizer
+    def encode(self, images: torch.Tensor, return_dict: bool = True) -> MultiScaleVQEncoderOutput | tuple:
+        """Images in [-1, 1] (B, 3, H, W) -> token ids of every scale and the quantized latent f_hat."""
+        expected = self.resolution
+        if images.ndim != 4 or images.shape[1] != self.config.in_channels or images.shape[-2:] != (expected, expected):
+            raise ValueError(
+                f"images must have shape (B, {self.config.in_channels}, {expected}, {expected}) for this tokenizer, "
+                f"got {tuple(images.shape)}"
+            )
+        f = self.quant_conv(self.encoder(images))  # (B, Cvae, h, w)
+        scale_indices, f_hat = self.quantizer.quantize(f.float())
+        if not return_dict:
+            return scale_indices, f_hat
+        return MultiScaleVQEncoderOutput(scale_indices=scale_indices, f_hat=f_hat)
+
+    def encode_scales(self, images: torch.Tensor) -> list[torch.LongTensor]:
+        """Images in [-1, 1] (B, 3, H, W) -> list over scales of (B, pn²) token ids."""
+        return self.encode(images).scale_indices
+
+    def decode(self, f_hat: torch.Tensor, return_dict: bool = True) -> MultiScaleVQDecoderOutput | tuple:
+        """Quantized latent (B, Cvae, h, w) -> images clamped to [-1, 1]."""
+        weight = self.post_quant_conv.weight
+        images = self.decoder(self.post_quant_conv(f_hat.to(weight.dtype))).clamp(-1, 1)
+        if not return_dict:
+            return (images,)
+        return MultiScaleVQDecoderOutput(sample=images)
+
+    def scales_to_f_hat(self, scale_indices: list[torch.LongTensor]) -> torch.Tensor:
+        """Token ids of all scales -> accumulated latent f_hat (B, Cvae, h, w), float32."""
+        self._check_scale_indices(scale_indices)
+        batch, side = scale_indices[0].shape[0], self.patch_nums[-1]
+        f_hat = torch.zeros(batch, self.config.latent_channels, side, side, device=scale_indices[0].device)
+        for si, (indices, pn) in enumerate(zip(scale_indices, self.patch_nums)):
+            f_hat.add_(self.quantizer.upsampled_scale(si, self.quantizer.lookup(indices, pn)))
+        return f_hat
+
+    def decode_scales(self, scale_indices: list[torch.LongTensor]) -> torch.Tensor:
+        """Token ids of all scales -> images in [-1, 1]."""
+        return self.decode(self.scales_to_f_hat(scale_indices)).sample
+
+    def teacher_forcing_input(self, scale_indices: list[torch.LongTensor]) -> torch.Tensor:
+        """Token ids of all scales -> the transformer's continuous input (B, L - first_scale_len, Cvae), float32."""
+        self._check_scale_indices(scale_indices)
+        batch, side = scale_indices[0].shape[0], self.patch_nums[-1]
+        f_hat = torch.zeros(batch, self.config.latent_channels, side, side, device=scale_indices[0].device)
+        next_inputs = []
+        for si in range(len(self.patch_nums) - 1):
+            h = self.quantizer.lookup(scale_indices[si], self.patch_nums[si])
+            f_hat = self.accumulate_scale(si, f_hat, h)
+            next_inputs.append(self.next_scale_input(si + 1, f_hat))
+        return torch.cat(next_inputs, dim=1)
+
+    # ------------------------------------------------------------------------------------- sampling helpers
+    def accumulate_scale(self, scale_index: int, f_hat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """f_hat += Phi(up(h)) in place; h is one scale's embedding map (B, Cvae, pn, pn). Returns f_hat."""
+        return f_hat.add_(self.quantizer.upsampled_scale(scale_index, h.float()))
+
+    def next_scale_input(self, scale_index: int, f_hat: torch.Tensor) -> torch.Tensor:
+        """The input tokens of scale `scale_index`: area_down(f_hat) flattened to (B, pn², Cvae)."""
+        pn = self.patch_nums[scale_index]
+        return F.interpolate(f_hat, size=(pn, pn), mode="area").flatten(2).transpose(1, 2)
+
+    def _check_scale_indices(self, scale_indices) -> None:
+        if len(scale_indices) != len(self.patch_nums):
+            raise ValueError(f"expected token ids for {len(self.patch_nums)} scales, got {len(scale_indices)}")
+        for si, (indices, pn) in enumerate(zip(scale_indices, self.patch_nums)):
+            if indices.ndim != 2 or indices.shape[1] != pn * pn or indices.shape[0] != scale_indices[0].shape[0]:
+                raise ValueError(f"scale {si}: expected shape (B, {pn * pn}), got {tuple(indices.shape)}")
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.config.codebook_size):
+                raise ValueError(f"scale {si}: token ids must lie in [0, {self.config.codebook_size})")
+
+    def forward(self, images: torch.Tensor, return_dict: bool = True) -> MultiScaleVQDecoderOutput | tuple:
+        """Reconstruction: encode to tokens and decode the quantized latent."""
+        return self.decode(self.encode(images).f_hat, return_dict=return_dict)
+
+
+__all__ = ["MultiScaleVQModel", "MultiScaleVQEncoderOutput", "MultiScaleVQDecoderOutput", "upstream_phi_index_per_scale"]
