@@ -78,6 +78,10 @@ class VARConfig(PreTrainedConfig):
         init_head: float = 0.02,
         **kwargs,
     ):
+        # Upstream names are accepted as aliases.
+        num_hidden_layers = kwargs.pop("depth", num_hidden_layers)
+        hidden_size = kwargs.pop("embed_dim", hidden_size)
+        num_attention_heads = kwargs.pop("num_heads", num_attention_heads)
         self.num_hidden_layers = int(num_hidden_layers)
         self.hidden_size = int(hidden_size)
         self.num_attention_heads = int(num_attention_heads)
@@ -96,8 +100,8 @@ class VARConfig(PreTrainedConfig):
         self.init_adaln = float(init_adaln)
         self.init_adaln_gamma = float(init_adaln_gamma)
         self.init_head = float(init_head)
-        super().__init__(**kwargs)
         self._check()
+        super().__init__(**kwargs)
 
     def _check(self) -> None:
         if self.num_hidden_layers < 1:

@@ -316,8 +316,9 @@ class VARTransformer(VARPreTrainedModel):
         return class_embeds
 
     def logits_from_hidden(self, hidden_states: torch.Tensor, class_embeds: torch.Tensor) -> torch.Tensor:
-        """Head: (B, l, C) -> float32 logits (B, l, V)."""
-        return self.lm_head(self.head_norm(hidden_states.float(), class_embeds.float()).float()).float()
+        """Head: (B, l, C) -> float32 logits (B, l, V). Computed in the head's dtype (float32 in reference mode)."""
+        dtype = self.lm_head.weight.dtype
+        return self.lm_head(self.head_norm(hidden_states.to(dtype), class_embeds.to(dtype))).float()
 
     # ------------------------------------------------------------------------------------------------------ teacher forcing
     def forward(

@@ -1,0 +1,97 @@
+"""Repo-id loading and publishing, fully offline: an in-process fake Hub (tests/fake_hub.py) and a fake cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import huggingface_hub
+import pytest
+import torch
+
+from var_hf import VARPipeline
+from var_hf.cli import main as cli_main
+
+NAME = "var_tiny_64"
+
+
+def sample_tokens(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(class_labels=[1], top_k=50, generator=torch.Generator().manual_seed(0), output_type="pt").scale_indices
+
+
+def test_push_to_hub_then_from_pretrained_repo_id(fake_hub, golden_pipelines):
+    pipe = golden_pipelines[NAME]
+    pipe.push_to_hub("org/var-tiny")
+    files = set(fake_hub.repos["org/var-tiny"])
+    assert files == {
+        "README.md",
+        "model_index.json",
+        "transformer/config.json",
+        "transformer/model.safetensors",
+        "vqvae/config.json",
+        "vqvae/diffusion_pytorch_model.safetensors",
+    }
+    card = fake_hub.repos["org/var-tiny"]["README.md"].decode()
+    assert "library_name: var-hf" in card and "VARPipeline.from_pretrained(\"org/var-tiny\"" in card
+    loaded = VARPipeline.from_pretrained("org/var-tiny")
+    assert all(torch.equal(a, b) for a, b in zip(sample_tokens(pipe), sample_tokens(loaded)))
+    assert not fake_hub.blocked_connections
+
+
+def test_cli_push_uploads_only_the_allow_list(fake_hub, converted_pipelines, tmp_path):
+    folder = tmp_path / "pipe"
+    shutil.copytree(converted_pipelines[NAME], folder)
+    (folder / "checkpoint-10").mkdir()
+    (folder / "checkpoint-10" / "optimizer.bin").write_bytes(b"pickle bytes")
+    (folder / "random_states_0.pkl").write_bytes(b"pickle bytes")
+    (folder / "notes.txt").write_text("private")
+    assert cli_main(["push", str(folder), "org/pushed"]) == 0
+    uploaded = set(fake_hub.repos["org/pushed"])
+    assert "model_index.json" in uploaded and "vqvae/diffusion_pytorch_model.safetensors" in uploaded
+    assert not any(name.endswith((".bin", ".pkl", ".txt")) for name in uploaded)
+    assert VARPipeline.from_pretrained("org/pushed").transformer.config.num_classes == 10
+
+
+def test_repo_holding_only_pickles_is_refused(fake_hub, converted_pipelines, tmp_path):
+    files = {p.relative_to(converted_pipelines[NAME]).as_posix(): p.read_bytes() for p in converted_pipelines[NAME].rglob("*") if p.is_file()}
+    files.pop("transformer/model.safetensors")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "x.bin")
+    files["transformer/pytorch_model.bin"] = (tmp_path / "x.bin").read_bytes()
+    fake_hub.add_repo("org/pickled", files)
+    with pytest.raises(Exception) as error:
+        VARPipeline.from_pretrained("org/pickled")
+    assert "safetensors" in str(error.value) or "model.safetensors" in str(error.value)
+    # the pickle was never downloaded
+    downloaded = [url for method, url in fake_hub.requests if "pytorch_model.bin" in url and method == "GET"]
+    assert downloaded == []
+
+
+def _fake_cache(cache_dir, repo_id, folder):
+    """A hub cache layout (refs, snapshots, trees) holding a saved pipeline, as `snapshot_download` leaves it."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    root = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(sha)
+    snapshot = root / "snapshots" / sha
+    shutil.copytree(folder, snapshot)
+    tree = {}
+    for path in snapshot.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            tree[path.relative_to(snapshot).as_posix()] = {"size": len(data), "blob_id": hashlib.sha1(data).hexdigest()}
+    (root / "trees").mkdir()
+    (root / "trees" / f"{sha}.json").write_text(json.dumps({"format_version": 1, "files": tree}))
+    return root
+
+
+def test_repo_id_from_offline_cache(converted_pipelines, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    _fake_cache(cache, "org/cached", converted_pipelines[NAME])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    pipe = VARPipeline.from_pretrained("org/cached", cache_dir=str(cache))
+    assert pipe.transformer.config.num_hidden_layers == 2
+    with pytest.raises(Exception):
+        VARPipeline.from_pretrained("org/not-cached", cache_dir=str(cache))
