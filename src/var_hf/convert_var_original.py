@@ -25,6 +25,7 @@ from .safety import looks_like_safetensors
 from .vq_var import MultiScaleVQModel
 
 CONVERTER_VERSION = "1"
+OFFICIAL_VAE_FILE = "vae_ch160v4096z32.pth"
 KNOWN_SCHEDULES = {sum(p * p for p in s): list(s) for s in (PATCH_NUMS_256, PATCH_NUMS_512)}
 
 # Official release files (Hugging Face FoundationVision/var) and their sha256.
@@ -252,15 +253,18 @@ def default_id2label(num_classes: int) -> dict[int, str]:
     return imagenet_id2label() if num_classes == 1000 else {i: str(i) for i in range(num_classes)}
 
 
-def verify_saved_pipeline(folder: Path, transformer: VARTransformer, vqvae: MultiScaleVQModel) -> None:
-    """Reload every written tensor and compare it bit for bit with the converted model."""
-    for sub, model, name in (("transformer", transformer, "model.safetensors"), ("vqvae", vqvae, "diffusion_pytorch_model.safetensors")):
-        saved = load_file(str(folder / sub / name))
-        expected = {k: v for k, v in model.state_dict().items()}
-        if set(saved) != set(expected):
-            raise ConversionError(f"{sub}: written keys differ from the converted model")
-        for key, value in expected.items():
-            if saved[key].dtype != value.dtype or not torch.equal(saved[key], value):
+def verify_saved_pipeline(folder: Path, sources: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Reload every written tensor and compare it bit for bit with the (key-mapped) source tensor."""
+    from tqdm.auto import tqdm
+
+    files = {"transformer": "model.safetensors", "vqvae": "diffusion_pytorch_model.safetensors"}
+    for sub, source in sources.items():
+        saved = load_file(str(folder / sub / files[sub]))
+        if set(saved) != set(source):
+            raise ConversionError(f"{sub}: written keys differ from the source: {sorted(set(saved) ^ set(source))[:10]}")
+        for key in tqdm(sorted(source), desc=f"verifying {sub}", leave=False):
+            expected = source[key].float() if source[key].is_floating_point() else source[key]
+            if saved[key].dtype != expected.dtype or not torch.equal(saved[key], expected):
                 raise ConversionError(f"{sub}: {key} did not round-trip bit for bit")
 
 
@@ -316,7 +320,13 @@ def convert_to_pipeline_folder(
         log(f"writing {output_dir}")
         pipe.save_pretrained(staging)
         write_model_card(staging, pipe, sources=sources, converter_version=CONVERTER_VERSION)
-        verify_saved_pipeline(staging, transformer, vqvae)
+        verify_saved_pipeline(
+            staging,
+            {
+                "transformer": map_keys(var_state, VAR_KEY_RULES, VAR_BUFFERS),
+                "vqvae": map_keys(vae_state, VAE_KEY_RULES, VAE_BUFFERS),
+            },
+        )
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)
@@ -329,8 +339,11 @@ def convert_to_pipeline_folder(
 # ------------------------------------------------------------------------------------------------------ command line
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Convert upstream FoundationVision/VAR checkpoints into a var-hf pipeline folder (safetensors only).", formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vae", required=True, help="upstream VQVAE state dict (.safetensors or .pth)")
-    parser.add_argument("--var", required=True, help="upstream VAR state dict (.safetensors or .pth)")
+    parser.add_argument("--vae", default=None, help="upstream VQVAE state dict (.safetensors or .pth)")
+    parser.add_argument("--var", default=None, help="upstream VAR state dict (.safetensors or .pth)")
+    parser.add_argument("--from-hub", default=None, metavar="REPO", help="download the official files from this Hub repo (FoundationVision/var) instead")
+    parser.add_argument("--depth", type=int, default=None, help="with --from-hub: which transformer (16, 20, 24, 30, 36)")
+    parser.add_argument("--revision", default=None, help="with --from-hub: the repo revision to download")
     parser.add_argument("--output", required=True, help="pipeline folder to write")
     parser.add_argument("--num-heads", type=int, default=None, help="attention heads (needed for legacy-attention checkpoints whose head_dim is not 64)")
     parser.add_argument("--patch-nums", type=str, default=None, help="comma-separated patch schedule, e.g. 1,2,3,4,5,6,8,10,13,16 (read from the checkpoint when possible)")
@@ -341,10 +354,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def download_official(repo_id: str, depth: int, revision: str | None = None) -> tuple[Path, Path]:
+    """Fetch the official tokenizer and the depth-`depth` transformer from the Hub (files are only read, never loaded)."""
+    from huggingface_hub import hf_hub_download
+
+    vae = hf_hub_download(repo_id, OFFICIAL_VAE_FILE, revision=revision)
+    var = hf_hub_download(repo_id, f"var_d{depth}.pth", revision=revision)
+    return Path(vae), Path(var)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     patch_nums = [int(p) for p in args.patch_nums.split(",")] if args.patch_nums else None
     try:
+        if args.from_hub:
+            if args.depth is None:
+                raise ConversionError("--from-hub needs --depth (16, 20, 24, 30 or 36)")
+            args.vae, args.var = download_official(args.from_hub, args.depth, args.revision)
+        elif args.vae is None or args.var is None:
+            raise ConversionError("pass --vae and --var, or --from-hub REPO --depth N")
         folder = convert_to_pipeline_folder(
             args.vae,
             args.var,
@@ -356,7 +384,7 @@ def main(argv=None) -> int:
             ignore_unknown_objects=args.ignore_unknown_objects,
             allow_sha256_mismatch=args.allow_sha256_mismatch,
         )
-    except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as error:
+    except (ConversionError, FileExistsError, FileNotFoundError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {Path(folder).resolve()}")
