@@ -166,3 +166,25 @@ def test_from_hub_downloads_then_converts(fake_hub, tmp_path):
     assert main(args + ["--allow-sha256-mismatch"]) == 0
     ours, expected = teacher_logits(tmp_path / "out")
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
+SHARED_GOLDEN = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "golden"
+
+
+@pytest.mark.skipif(not (SHARED_GOLDEN / "var_tiny_64" / "var.pth").exists(), reason="../shared/golden is not beside this checkout")
+@pytest.mark.parametrize("name, heads", [("var_tiny_64", None), ("var_tiny_64_saln_legacy", 4)])
+def test_upstream_golden_pth_files_convert_and_sample_identically(tmp_path, name, heads):
+    """The .pth files upstream itself wrote, parsed without unpickling, reproduce upstream's sampled tokens."""
+    from conftest import golden_config
+
+    args = ["--vae", str(SHARED_GOLDEN / "var_tiny_64" / "vae.pth"), "--var", str(SHARED_GOLDEN / name / "var.pth"), "--output", str(tmp_path / "out")]
+    assert main(args + (["--num-heads", str(heads)] if heads else [])) == 0
+    data = load_file(str(golden_files(name)["expected"]))
+    run = golden_config(name)["sampling_runs"][0]
+    pipe = VARPipeline.from_pretrained(tmp_path / "out")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(class_labels=data["input.labels"].tolist(), guidance_scale=run["cfg"], top_k=run["top_k"], top_p=run["top_p"],
+               generator=torch.Generator().manual_seed(run["g_seed"]), output_type="pt")
+    for k, tokens in enumerate(out.scale_indices):
+        assert torch.equal(tokens, data[f"sample.{run['tag']}.idx.{k}"])
+    torch.testing.assert_close(out.images, data[f"sample.{run['tag']}.image"], atol=1e-4, rtol=0)
