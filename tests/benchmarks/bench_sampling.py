@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Sampling benchmark: var-hf's VARPipeline vs the upstream FoundationVision/VAR code on the same random weights.
+
+    python tests/benchmarks/bench_sampling.py --depth 16 --batch-sizes 1 64 --dtype bf16 --upstream upstream/
+    python tests/benchmarks/bench_sampling.py --depth 2 --batch-sizes 1 --device cpu --dtype fp32   # smoke test
+
+With `--upstream PATH` (a checkout of FoundationVision/VAR, never committed) the upstream model is built with its
+own code, randomly initialised, converted with our converter, and both are timed alternately in the same process
+as a user calls them: upstream under its demo settings (fp16 autocast on CUDA, fp32 on the CPU), ours through the
+public pipeline with `dtype`. In float32 both must draw the same tokens, which is checked. Prints and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+from var_hf import MultiScaleVQModel, VARConfig, VARPipeline, VARTransformer  # noqa: E402
+from var_hf.convert_var_original import convert_var_transformer, convert_vqvae  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=256, choices=[256, 512])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--upstream", default=None, help="path to a FoundationVision/VAR checkout")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="call pipe.compile() first")
+    parser.add_argument("--output", default=None, help="JSON file to write")
+    return parser.parse_args(argv)
+
+
+def patch_nums_for(resolution):
+    return (1, 2, 3, 4, 5, 6, 8, 10, 13, 16) if resolution == 256 else (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+
+def build_upstream(path, depth, patch_nums, device):
+    """Upstream's own builder, random init; its VQVAE convs are left uninitialised upstream, so fill them."""
+    sys.path.insert(0, str(Path(path).resolve()))
+    from models import build_vae_var  # noqa: E402  (upstream code, not ours)
+
+    vae, var = build_vae_var(
+        V=4096, Cvae=32, ch=160, share_quant_resi=4, device=device, patch_nums=patch_nums,
+        num_classes=1000, depth=depth, shared_aln=depth >= 36,
+    )
+    with torch.no_grad():
+        for name, param in vae.named_parameters():
+            param.copy_(torch.randn_like(param) * 0.02 if param.ndim > 1 else torch.zeros_like(param))
+            if "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+    return vae.eval(), var.eval()
+
+
+def build_ours(depth, patch_nums):
+    config = VARConfig(depth=depth, embed_dim=64 * depth, num_heads=depth, patch_nums=patch_nums, shared_adaln=depth >= 36)
+    torch.manual_seed(0)
+    vqvae = MultiScaleVQModel(patch_nums=patch_nums)
+    with torch.no_grad():
+        for param in vqvae.parameters():
+            param.normal_(0, 0.02)
+    return VARTransformer(config), vqvae
+
+
+def timed(fn, device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = args.dtype != "fp32"
+    torch.backends.cudnn.allow_tf32 = args.dtype != "fp32"
+    patch_nums = patch_nums_for(args.resolution)
+    upstream = None
+    if args.upstream:
+        vae, var = build_upstream(args.upstream, args.depth, patch_nums, args.device)
+        transformer = convert_var_transformer({k: v.cpu() for k, v in var.state_dict().items()}, patch_nums=list(patch_nums))
+        vqvae = convert_vqvae({k: v.cpu() for k, v in vae.state_dict().items()}, patch_nums)
+        upstream = var
+    else:
+        transformer, vqvae = build_ours(args.depth, patch_nums)
+    pipe = VARPipeline(transformer=transformer.to(DTYPES[args.dtype]), vqvae=vqvae).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    if args.compile:
+        pipe.compile()
+
+    sample_kwargs = dict(guidance_scale=1.5, top_k=900, top_p=0.96)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.float16) if args.device.startswith("cuda") and args.dtype != "fp32" else contextlib.nullcontext()
+    )
+    results = []
+    for batch in args.batch_sizes:
+        labels = [(7 * i) % 1000 for i in range(batch)]
+        ours_times, theirs_times = [], []
+        for step in range(args.warmup + args.repeats):
+            generator = torch.Generator(device=args.device).manual_seed(step)
+            dt, out = timed(lambda: pipe(class_labels=labels, generator=generator, output_type="pt", **sample_kwargs), args.device)
+            if step >= args.warmup:
+                ours_times.append(dt)
+            if upstream is not None:
+                label_tensor = torch.tensor(labels, device=args.device)
+                with torch.inference_mode(), autocast:
+                    dt_up, _ = timed(lambda: upstream.autoregressive_infer_cfg(B=batch, label_B=label_tensor, g_seed=step, cfg=1.5, top_k=900, top_p=0.96), args.device)
+                if step >= args.warmup:
+                    theirs_times.append(dt_up)
+        row = {"batch": batch, "ours_s": statistics.median(ours_times), "ours_img_per_s": batch / statistics.median(ours_times)}
+        if theirs_times:
+            row.update(upstream_s=statistics.median(theirs_times), upstream_img_per_s=batch / statistics.median(theirs_times))
+            row["speedup"] = row["upstream_s"] / row["ours_s"]
+        results.append(row)
+        print(json.dumps(row))
+
+    if upstream is not None and args.dtype == "fp32":
+        # Reference mode: identical tokens from the same seed (upstream keeps the generator on its device).
+        upstream.rng = torch.Generator(device=args.device)
+        ours = pipe(class_labels=[1, 2], generator=torch.Generator(device=args.device).manual_seed(5), top_k=900, top_p=0.96, output_type="pt").images
+        with torch.inference_mode():
+            theirs = upstream.autoregressive_infer_cfg(B=2, label_B=torch.tensor([1, 2], device=args.device), g_seed=5, cfg=1.5, top_k=900, top_p=0.96)
+        print(json.dumps({"reference_mode_max_image_diff": float((ours - theirs).abs().max())}))
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    report = {"benchmark": "sampling", "depth": args.depth, "resolution": args.resolution, "dtype": args.dtype,
+              "device": device_name, "commit": commit, "date": time.strftime("%Y-%m-%d"), "compile": args.compile, "results": results}
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
