@@ -1,0 +1,444 @@
+"""Tests of the training recipe (`pipelines/train_var.py`, `var_hf.training_var`) on the CPU.
+
+Data: crops of real photos bundled with scikit-image (astronaut, chelsea the cat, coffee, rocket) in class
+sub-folders. Model: the tiny golden upstream model (64 px, 10 classes, patch_nums 1,2,3,4) converted to a pipeline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from var_hf import VARPipeline
+from var_hf.training_var import (
+    EpochShuffleSampler,
+    TokenCacheError,
+    VARLRWDSchedule,
+    latest_checkpoint,
+    load_token_cache,
+    no_weight_decay_names,
+    progressive_scale_index,
+    progressive_stage,
+    progressive_token_weights,
+    prune_checkpoints,
+    resize_class_embedding,
+    tokenizer_fingerprint,
+    upstream_lr_factor,
+    upstream_weight_decay,
+    var_param_groups,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "pipelines" / "train_var.py"
+GOLDEN = REPO / "tests" / "fixtures" / "golden" / "var_tiny_64"
+ALLOWED_SUFFIXES = {".json", ".safetensors"}
+
+
+# ------------------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def train_var():
+    spec = importlib.util.spec_from_file_location("train_var_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reset_accelerate_state() -> None:
+    """Each in-process run builds its own Accelerator (accelerate keeps its state in process-wide singletons)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset_accelerate_state()
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """The tiny model gains nothing from intra-op threads; on a busy 2-core machine they spin against each other
+    (30x slower seen). Restored afterwards; subprocesses get OMP_NUM_THREADS=1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SUBPROCESS_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def golden_pipe(tmp_path_factory) -> Path:
+    from var_hf.convert_var_original import convert_to_pipeline_folder
+
+    root = tmp_path_factory.mktemp("golden")
+    return convert_to_pipeline_folder(GOLDEN / "vae_state.safetensors", GOLDEN / "var_state.safetensors", root / "pipe", log=lambda *_: None)
+
+
+def write_photo_crops(root: Path, classes: dict[str, str], per_class: int, seed: int = 0) -> Path:
+    """Square-ish crops of scikit-image's bundled photos, resized small, one sub-folder per class."""
+    import skimage.data
+
+    rng = np.random.default_rng(seed)
+    for folder, name in classes.items():
+        image = getattr(skimage.data, name)()
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        h, w = image.shape[:2]
+        for i in range(per_class):
+            side = int(min(h, w) * rng.uniform(0.5, 0.8))
+            y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+            PIL.Image.fromarray(image[y : y + side, x : x + side]).resize((88, 76), PIL.Image.BICUBIC).save(root / folder / f"{name}_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    return write_photo_crops(tmp_path_factory.mktemp("photos"), {"astronaut": "astronaut", "cat": "chelsea", "coffee": "coffee"}, per_class=4)
+
+
+def base_args(pipe: Path, data: Path, out: Path, **overrides) -> list[str]:
+    args = {
+        "--pretrained_model_name_or_path": str(pipe),
+        "--train_data_dir": str(data),
+        "--output_dir": str(out),
+        "--train_batch_size": "2",
+        "--max_train_steps": "4",
+        "--checkpointing_steps": "100",
+        "--learning_rate": "1e-3",
+        "--report_to": "none",
+        "--num_validation_images": "0",
+        "--dataloader_num_workers": "0",
+    }
+    args.update(overrides)
+    flat = []
+    for key, value in args.items():
+        if value is None:
+            continue
+        flat += [key] if value is True else [key, value]
+    return flat
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def pipeline_files(folder: Path) -> list[Path]:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+
+# ----------------------------------------------------------------------------------------------------- recipe pieces
+def test_param_groups_follow_upstream_exclusions(golden_pipe):
+    pipe = VARPipeline.from_pretrained(golden_pipe, dtype=torch.float32)
+    groups = {g["group_name"]: g for g in var_param_groups(pipe.transformer, 0.05)}
+    names = {id(p): n for n, p in pipe.transformer.named_parameters()}
+    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    assert {"pos_embed", "start_pos_embed", "scale_embed.weight", "layers.0.attn.logit_scale", "layers.0.attn.q_bias", "lm_head.bias"} <= no_decay
+    assert {"class_embed.weight", "input_proj.weight", "lm_head.weight", "layers.0.attn.qkv_proj.weight", "layers.1.adaln_modulation.weight"} <= decay
+    assert groups["no_decay"]["weight_decay"] == 0 and groups["decay"]["weight_decay"] == 0.05
+    assert len(decay) + len(no_decay) == len(names)
+
+    # Classified by name for wrapped models (DDP/FSDP prefixes), with the names of the unwrapped model.
+    wrapper = torch.nn.Module()
+    wrapper.module = pipe.transformer
+    wrapped = var_param_groups(wrapper, 0.05, set(no_weight_decay_names(pipe.transformer)))
+    assert [len(g["params"]) for g in wrapped] == [len(decay), len(no_decay)]
+
+
+def test_upstream_lr_and_weight_decay_schedule():
+    total, warmup = 100, 10
+    f = lambda step: upstream_lr_factor(step, warmup, total, "lin0", 0.005, 0.1)  # noqa: E731
+    assert f(0) == pytest.approx(0.005)
+    assert f(5) == pytest.approx(0.005 + 0.995 * 0.5)
+    assert f(10) == f(13) == 1.0  # hold for 5 % of the decay phase
+    assert f(99) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 99))
+    assert upstream_lr_factor(50, 0, 100, "cos", end_factor=0.0) == pytest.approx(0.5 + 0.5 * math.cos(math.pi * 50 / 99))
+    assert upstream_weight_decay(0, total, 0.05, 0.08) == pytest.approx(0.05)
+    assert upstream_weight_decay(99, total, 0.05, 0.08) == pytest.approx(0.08)
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(var_param_groups(model, 0.05), lr=1.0)
+    schedule = VARLRWDSchedule(peak_lr=2e-4, total_steps=total, warmup_steps=warmup, end_factor=0.1, weight_decay=0.05)
+    lr, wd = schedule.apply(optimizer, 10)
+    assert lr == pytest.approx(2e-4) and wd == pytest.approx(0.05)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [pytest.approx(0.05), 0.0]
+
+
+def test_progressive_training_helpers():
+    # Upstream: pg0 = 1 until the warm-up ends, all 4 scales (index -1) from 50 % of the run.
+    assert progressive_scale_index(0, 10, 100, 0.5, 1, 4) == 1
+    assert progressive_scale_index(10, 10, 100, 0.5, 1, 4) == 1
+    assert progressive_scale_index(30, 10, 100, 0.5, 1, 4) == 2
+    assert progressive_scale_index(50, 10, 100, 0.5, 1, 4) == -1
+    assert progressive_scale_index(30, 10, 100, 0.0, 1, 4) == -1
+    # Python's round (half to even), as upstream: the second stage begins at step 21.
+    assert progressive_scale_index(20, 10, 100, 0.5, 1, 4) == 1 and progressive_scale_index(21, 10, 100, 0.5, 1, 4) == 2
+    assert progressive_stage(23, 10, 100, 0.5, 1, 4, stage_warmup_steps=10) == (2, pytest.approx(0.3))
+    assert progressive_stage(5, 10, 100, 0.5, 1, 4, stage_warmup_steps=10) == (1, 1.0)  # no ramp in the first stage
+    weights = progressive_token_weights([1, 2, 3, 4], 1, 0.5)
+    assert torch.allclose(weights[:1], torch.tensor(1 / 30)) and torch.allclose(weights[1:5], torch.tensor(0.5 / 30))
+    assert weights[5:].abs().sum() == 0
+    assert torch.allclose(progressive_token_weights([1, 2, 3, 4], -1).sum(), torch.tensor(1.0))
+
+
+def test_sampler_is_a_function_of_seed_and_epoch():
+    a, b = EpochShuffleSampler(20, seed=3), EpochShuffleSampler(20, seed=3)
+    torch.manual_seed(0)
+    first = list(a)
+    torch.manual_seed(1)
+    assert list(b) == first  # independent of the global RNG
+    a.set_epoch(1)
+    assert list(a) != first and sorted(a) == list(range(20))
+
+
+def test_resize_class_embedding_keeps_rows_and_null_class(golden_pipe):
+    transformer = VARPipeline.from_pretrained(golden_pipe, dtype=torch.float32).transformer
+    old = transformer.class_embed.weight.detach().clone()  # (11, C): 10 classes + null
+    resize_class_embedding(transformer, 3)
+    new = transformer.class_embed.weight
+    assert transformer.config.num_classes == 3 and new.shape[0] == 4
+    assert torch.equal(new[:3], old[:3]) and torch.equal(new[3], old[10])
+
+
+def test_checkpoint_listing_ignores_incomplete_saves(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-12.tmp", "other"):
+        (tmp_path / name).mkdir()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-10"
+    removed = prune_checkpoints(tmp_path, total_limit=1)
+    assert sorted(p.name for p in removed) == ["checkpoint-10", "checkpoint-12.tmp", "checkpoint-2"]  # room for the next one
+    assert latest_checkpoint(tmp_path) is None and (tmp_path / "other").is_dir()
+
+
+# --------------------------------------------------------------------------------------------------------- training runs
+def test_short_run_exports_a_safe_pipeline_and_pushes_it(train_var, golden_pipe, image_dir, tmp_path, fake_hub):
+    out = tmp_path / "run"
+    result = train_var.main(base_args(
+        golden_pipe, image_dir, out, **{
+            "--max_train_steps": "3", "--checkpointing_steps": "2", "--report_to": "tensorboard",
+            "--validation_steps": "2", "--num_validation_images": "2", "--random_flip": True,
+            "--push_to_hub": True, "--hub_model_id": "fake-user/var-photos",
+        }
+    ))
+    assert result["global_step"] == 3 and len(result["losses"]) == 3
+    pipeline_dir = out / "pipeline"
+    files = pipeline_files(pipeline_dir)
+    assert all(f.suffix in ALLOWED_SUFFIXES or f.name == "README.md" for f in files), files
+    assert {Path("model_index.json"), Path("transformer/model.safetensors"), Path("vqvae/diffusion_pytorch_model.safetensors"), Path("README.md")} <= set(files)
+
+    pipe = VARPipeline.from_pretrained(pipeline_dir, dtype=torch.float32)
+    assert pipe.id2label[0] == "astronaut" and pipe.id2label[2] == "coffee" and pipe.id2label[5] == "5"
+    images = pipe(class_labels=[0, 1], generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
+
+    before = load_file(str(golden_pipe / "transformer" / "model.safetensors"))
+    after = load_file(str(pipeline_dir / "transformer" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert max((after[k] - before[k]).abs().max().item() for k in before) > 1e-4  # the weights moved
+    vq_before = load_file(str(golden_pipe / "vqvae" / "diffusion_pytorch_model.safetensors"))
+    vq_after = load_file(str(pipeline_dir / "vqvae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(vq_before[k], vq_after[k]) for k in vq_before)  # frozen tokenizer
+
+    card = (pipeline_dir / "README.md").read_text()
+    assert "train_var.py" in card and "--train_data_dir" in card and "image folder" in card and "astronaut" in card
+    assert (out / "samples" / "step-2.png").is_file() and (out / "samples" / "step-3.png").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    assert (out / "checkpoints" / "checkpoint-2" / "optimizer.bin").is_file()  # pickles stay local ...
+
+    pushed = fake_hub.repos["fake-user/var-photos"]  # ... and are never uploaded
+    assert set(pushed) == {str(f) for f in files}
+    assert not any("checkpoint" in name or name.endswith((".bin", ".pkl", ".pt", ".png")) for name in pushed)
+
+
+def test_resume_continues_the_same_run(train_var, golden_pipe, image_dir, tmp_path, monkeypatch):
+    """6 steps uninterrupted == 3 steps, killed, then resumed with `latest` (mid-epoch, with EMA and warm-up)."""
+    common = {"--max_train_steps": "6", "--checkpointing_steps": "3", "--use_ema": True, "--ema_decay": "0.5", "--lr_warmup_steps": "2"}
+    full = tmp_path / "full"
+    train_var.main(base_args(golden_pipe, image_dir, full, **common))
+
+    class Killed(Exception):
+        pass
+
+    original = train_var.save_checkpoint
+
+    def save_then_die(accelerator, checkpoints_dir, step, *args, **kwargs):
+        original(accelerator, checkpoints_dir, step, *args, **kwargs)
+        raise Killed(step)  # killed right after checkpoint-3 was written
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(train_var, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_var.main(base_args(golden_pipe, image_dir, resumed, **common))
+    monkeypatch.setattr(train_var, "save_checkpoint", original)
+    reset_accelerate_state()
+    # A later save killed half-way leaves a .tmp folder behind: `latest` must ignore it.
+    (resumed / "checkpoints" / "checkpoint-5.tmp").mkdir()
+    (resumed / "checkpoints" / "checkpoint-5.tmp" / "model.safetensors").write_bytes(b"partial")
+    result = train_var.main(base_args(golden_pipe, image_dir, resumed, **common, **{"--resume_from_checkpoint": "latest"}))
+    assert result["global_step"] == 6 and len(result["losses"]) == 3
+    assert not (resumed / "checkpoints" / "checkpoint-5.tmp").exists()
+
+    for relative in ("pipeline/transformer/model.safetensors", "checkpoints/checkpoint-6/model.safetensors", "checkpoints/checkpoint-6/transformer_ema/model.safetensors"):
+        a, b = load_file(str(full / relative)), load_file(str(resumed / relative))
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, relative
+    ema_export = load_file(str(full / "pipeline/transformer/model.safetensors"))  # the exported weights are the EMA's
+    ema_saved = load_file(str(full / "checkpoints/checkpoint-6/transformer_ema/model.safetensors"))
+    raw = load_file(str(full / "checkpoints/checkpoint-6/model.safetensors"))
+    assert all(torch.equal(ema_export[k], ema_saved[k]) for k in ema_export)
+    assert not all(torch.equal(ema_export[k], raw[k]) for k in ema_export)
+    loss_full = [m["loss"] for m in metrics(full)]
+    loss_resumed = [m["loss"] for m in metrics(resumed)]
+    assert loss_resumed[:3] == pytest.approx(loss_full[:3], abs=1e-6) and loss_resumed[3:] == pytest.approx(loss_full[3:], abs=1e-6)
+    assert [m["lr"] for m in metrics(resumed)] == pytest.approx([m["lr"] for m in metrics(full)])
+
+
+def test_loss_decreases_on_real_photos(train_var, golden_pipe, tmp_path):
+    data = write_photo_crops(tmp_path / "data", {"astronaut": "astronaut", "cat": "chelsea", "rocket": "rocket"}, per_class=4, seed=1)
+    out = tmp_path / "run"
+    result = train_var.main(base_args(golden_pipe, data, out, **{
+        "--max_train_steps": "30", "--train_batch_size": "4", "--learning_rate": "2e-3", "--lr_warmup_steps": "3",
+        "--class_dropout_prob": "0",  # default recipe otherwise: random crops, 'lin0' decay, clipping
+    }))
+    losses = result["losses"]
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.7 * first, (first, last)
+
+
+def test_token_cache_round_trip_and_refusal(train_var, golden_pipe, image_dir, tmp_path):
+    cache = tmp_path / "cache"
+    train_var.main(base_args(golden_pipe, image_dir, tmp_path / "a", **{"--cache_tokens": str(cache), "--max_train_steps": "1"}))
+    info = json.loads((cache / "cache_info.json").read_text())
+    assert info["num_samples"] == 12 and info["id2label"]["1"] == "cat"
+
+    # Round trip: the cached tokens are the tokenizer's tokens of the centre crops.
+    from var_hf.training_data import load_class_image_dataset
+
+    pipe = VARPipeline.from_pretrained(golden_pipe, dtype=torch.float32)
+    dataset = load_token_cache(cache, tokenizer_fingerprint(pipe.vqvae), pipe.vqvae.patch_nums)
+    images = load_class_image_dataset(train_data_dir=str(image_dir), resolution=64, random_crop=False)
+    pixels = torch.stack([images[i]["pixel_values"] for i in range(len(images))])
+    with torch.no_grad():
+        expected = torch.cat(pipe.vqvae.encode_scales(pixels), dim=1)
+    assert torch.equal(dataset.scale_indices.long(), expected)
+    assert dataset.class_labels.tolist() == [label for _, label in images.samples]
+
+    # Re-used without the images; training on the cache works.
+    reset_accelerate_state()
+    result = train_var.main(base_args(golden_pipe, image_dir, tmp_path / "b", **{
+        "--cache_tokens": str(cache), "--train_data_dir": None, "--max_train_steps": "2", "--num_classes": "3",
+    }))
+    assert result["global_step"] == 2
+    finetuned = VARPipeline.from_pretrained(tmp_path / "b" / "pipeline", dtype=torch.float32)  # class embedding resized
+    assert finetuned.transformer.config.num_classes == 3 and finetuned.id2label == {0: "astronaut", 1: "cat", 2: "coffee"}
+
+    # Another tokenizer (one weight changed) is refused with a clear message.
+    other = tmp_path / "other_pipe"
+    import shutil
+
+    shutil.copytree(golden_pipe, other)
+    weights_path = other / "vqvae" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(str(weights_path))
+    weights["quant_conv.bias"] = weights["quant_conv.bias"] + 0.01
+    save_file(weights, str(weights_path))
+    reset_accelerate_state()
+    with pytest.raises(train_var.TrainingInputError, match="another tokenizer"):
+        train_var.main(base_args(other, image_dir, tmp_path / "c", **{"--cache_tokens": str(cache)}))
+    with pytest.raises(TokenCacheError, match="another tokenizer"):
+        load_token_cache(cache, "0" * 64, [1, 2, 3, 4])
+    assert not (tmp_path / "c" / "metrics.jsonl").exists()
+
+
+def test_from_scratch_with_a_datasets_folder(train_var, golden_pipe, image_dir, tmp_path):
+    """A new transformer on the golden tokenizer; data through `datasets` (imagefolder); accumulation, checkpointing
+    of activations and progressive training switched on."""
+    out = tmp_path / "scratch"
+    result = train_var.main(base_args(None, None, out, **{
+        "--pretrained_model_name_or_path": None, "--train_data_dir": None,
+        "--vqvae_model_name_or_path": str(golden_pipe), "--dataset_name": str(image_dir),
+        "--depth": "2", "--width": "64", "--num_heads": "2", "--gradient_accumulation_steps": "2", "--gradient_checkpointing": True,
+        "--max_train_steps": "3", "--progressive_fraction": "0.5", "--progressive_initial_scale": "1", "--scale_lr": True,
+    }))
+    assert result["global_step"] == 3
+    pipe = VARPipeline.from_pretrained(out / "pipeline", dtype=torch.float32)
+    config = pipe.transformer.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_classes, config.patch_nums) == (2, 64, 3, [1, 2, 3, 4])
+    assert pipe.id2label == {0: "astronaut", 1: "cat", 2: "coffee"}
+    logged = metrics(out)
+    assert logged[0]["progressive_scale"] == 1 and logged[-1]["progressive_scale"] == 3
+    assert logged[0]["lr"] == pytest.approx(1e-3 * 4 / 256)  # --scale_lr: tblr · global batch (2 × 1 × 2) / 256
+
+
+def _bad_case(kind: str, root: Path, image_dir: Path) -> tuple[dict, str]:
+    data = root / "data"
+    if kind == "empty":
+        data.mkdir()
+        return {"--train_data_dir": str(data)}, "no class sub-folders"
+    if kind == "unreadable":
+        write_photo_crops(data, {"cat": "chelsea"}, per_class=1)
+        (data / "cat" / "broken.png").write_bytes(b"this is not a png")
+        return {"--train_data_dir": str(data)}, "unreadable image"
+    if kind == "class_id":
+        write_photo_crops(data, {"3": "chelsea", "12": "coffee"}, per_class=1)
+        return {"--train_data_dir": str(data)}, r"class ids >= the model's num_classes \(10\)"
+    if kind == "resolution":
+        return {"--train_data_dir": str(image_dir), "--resolution": "128"}, "--resolution 128 is not the tokenizer's resolution 64"
+    if kind == "foreign_checkpoint":
+        foreign = root / "elsewhere" / "checkpoints" / "checkpoint-3"
+        foreign.mkdir(parents=True)
+        return {"--train_data_dir": str(image_dir), "--resume_from_checkpoint": str(foreign)}, "only from this run's own"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["empty", "unreadable", "class_id", "resolution", "foreign_checkpoint"])
+def test_bad_inputs_stop_before_training(train_var, golden_pipe, image_dir, tmp_path, kind):
+    overrides, message = _bad_case(kind, tmp_path, image_dir)
+    out = tmp_path / "out"
+    with pytest.raises(train_var.TrainingInputError, match=message):
+        train_var.main(base_args(golden_pipe, image_dir, out, **overrides))
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists() and not (out / "pipeline").exists()
+
+
+def test_bad_input_message_on_the_command_line(golden_pipe, image_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *base_args(golden_pipe, image_dir, out, **{"--resolution": "256"})],
+        capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: --resolution 256 is not the tokenizer's resolution 64" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_two_cpu_processes_with_accelerate_launch(golden_pipe, image_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: two CPU processes over gloo."""
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
+        str(SCRIPT), *base_args(golden_pipe, image_dir, out, **{"--max_train_steps": "4", "--checkpointing_steps": "2", "--cache_tokens": str(tmp_path / "cache")}),
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    log = proc.stdout + proc.stderr
+    assert "Num processes: 2" in log and "gloo" in log
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    assert {p.name for p in (out / "checkpoints" / "checkpoint-4").iterdir()} >= {"model.safetensors", "random_states_0.pkl", "random_states_1.pkl"}
+    assert len(json.loads((tmp_path / "cache" / "cache_info.json").read_text())["shards"]) == 2  # each rank encoded its share
+    pipe = VARPipeline.from_pretrained(out / "pipeline", dtype=torch.float32)
+    assert pipe(class_labels=[1], generator=torch.Generator().manual_seed(0), output_type="np").images.shape == (1, 64, 64, 3)
