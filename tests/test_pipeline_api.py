@@ -202,6 +202,11 @@ def test_pickle_weights_are_refused(converted_pipelines, tmp_path):
     with pytest.raises(PickleRefusedError, match="pickle"):
         VARPipeline.from_pretrained(folder)
     assert not sentinel.exists()
+    # local training checkpoints next to the weights are never read, so they do not block loading
+    shutil.copy(converted_pipelines[NAME] / "vqvae" / "diffusion_pytorch_model.safetensors", folder / "vqvae")
+    (folder / "checkpoint-5").mkdir()
+    torch.save({"x": torch.zeros(1)}, folder / "checkpoint-5" / "optimizer.bin")
+    assert VARPipeline.from_pretrained(folder).transformer.config.num_classes == 10
     with pytest.raises(ValueError, match="safetensors"):
         VARPipeline.from_pretrained(converted_pipelines[NAME], use_safetensors=False)
 

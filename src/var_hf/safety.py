@@ -25,23 +25,30 @@ def looks_like_safetensors(path: Path) -> bool:
     return head[8:9] == b"{" and 2 <= header_len <= path.stat().st_size - 8
 
 
+def weight_locations(folder: Path) -> list[Path]:
+    """Where loaders read weights: the folder itself and its component sub-folders (those holding a config.json)."""
+    return [folder] + sorted(d for d in folder.iterdir() if d.is_dir() and (d / "config.json").is_file())
+
+
 def check_folder_has_no_pickles(folder: str | Path) -> None:
-    """Raise `PickleRefusedError` if `folder` holds weights in a pickle format (by name or by content)."""
+    """
+    Raise `PickleRefusedError` if a place weights are loaded from (the folder, its component sub-folders) holds a
+    pickle-format file, by name or by content. Other sub-folders (e.g. local training checkpoints) are never read.
+    """
     folder = Path(folder)
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file():
-            continue
-        relative = path.relative_to(folder)
-        if path.suffix.lower() in PICKLE_SUFFIXES or (path.name.endswith(".tar") and "checkpoint" not in path.parts):
-            raise PickleRefusedError(
-                f"{relative}: weights in a pickle format are refused (loading a pickle can run arbitrary code). "
-                "Convert them to safetensors with `python conversion/convert_original_var.py` or remove the file."
-            )
-        if path.suffix == ".safetensors" and not looks_like_safetensors(path):
-            with open(path, "rb") as f:
-                head = f.read(4)
-            kind = "a pickle" if any(head.startswith(m[:4]) or head[:2] == m[:2] for m in PICKLE_MAGICS) else "not safetensors"
-            raise PickleRefusedError(f"{relative} is named .safetensors but its content is {kind}; refusing to load it")
+    for location in weight_locations(folder):
+        for path in sorted(p for p in location.iterdir() if p.is_file()):
+            relative = path.relative_to(folder)
+            if path.suffix.lower() in PICKLE_SUFFIXES:
+                raise PickleRefusedError(
+                    f"{relative}: weights in a pickle format are refused (loading a pickle can run arbitrary code). "
+                    "Convert them to safetensors with `python conversion/convert_original_var.py` or remove the file."
+                )
+            if path.suffix == ".safetensors" and not looks_like_safetensors(path):
+                with open(path, "rb") as f:
+                    head = f.read(4)
+                kind = "a pickle" if any(head.startswith(m[:4]) or head[:2] == m[:2] for m in PICKLE_MAGICS) else "not safetensors"
+                raise PickleRefusedError(f"{relative} is named .safetensors but its content is {kind}; refusing to load it")
 
 
 def read_json(path: str | Path) -> dict:
