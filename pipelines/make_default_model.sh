@@ -17,8 +17,8 @@ python pipelines/train_tokenizer.py --train_data_dir "$OUT/digits/train" --valid
 
 # 3. Transformer from scratch on pre-tokenized digits (centre crops).
 python pipelines/train_var.py --vqvae_model_name_or_path "$OUT/digits-tokenizer" --train_data_dir "$OUT/digits/train" \
-  --resolution 32 --center_crop --depth 6 --width 192 --num_heads 4 --num_classes 10 --cache_tokens "$OUT/digits-tokens" \
-  --train_batch_size 64 --max_train_steps 2500 --learning_rate 6e-4 --lr_warmup_steps 100 \
+  --resolution 32 --center_crop --depth 4 --width 192 --num_heads 4 --num_classes 10 --cache_tokens "$OUT/digits-tokens" \
+  --train_batch_size 64 --max_train_steps 2000 --learning_rate 6e-4 --lr_warmup_steps 100 \
   --checkpointing_steps 500 --validation_steps 500 --output_dir "$OUT/digits-var" --seed 0
 
 # 4. Install it as the package's default model, with a card that records these commands.
