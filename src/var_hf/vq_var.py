@@ -111,6 +111,15 @@ class VQUpsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
+def vq_run_stage(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The ResNet blocks of one resolution level, each followed by its attention block when the level has them."""
+    for i, block in enumerate(stage.block):
+        h = block(h)
+        if len(stage.attn) > 0:
+            h = stage.attn[i](h)
+    return h
+
+
 class VQEncoder(nn.Module):
     """Image (B, 3, H, W) -> latent (B, Cvae, H / 2^(levels-1), W / 2^(levels-1))."""
 
@@ -141,11 +150,8 @@ class VQEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
-        for level, stage in enumerate(self.down):
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
+        for stage in self.down:
+            h = vq_run_stage(stage, h)
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
@@ -185,10 +191,7 @@ class VQDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for stage in reversed(self.up):
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
+            h = vq_run_stage(stage, h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
