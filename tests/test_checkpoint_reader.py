@@ -465,9 +465,13 @@ def test_nothing_is_unpickled_or_imported(tmp_path, monkeypatch, golden_path):
     for module, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (pickle, "_Unpickler"), (torch, "load")]:
         monkeypatch.setattr(module, name, trap)
     monkeypatch.setattr(torch.serialization, "load", trap)
-    monkeypatch.setattr("importlib.import_module", trap)
-    monkeypatch.setattr("builtins.eval", trap)
-    monkeypatch.setattr("builtins.exec", trap)
+    import builtins
+    import importlib
+
+    # patch objects, not dotted strings: resolving a string would itself go through the trapped import_module
+    monkeypatch.setattr(builtins, "eval", trap)
+    monkeypatch.setattr(builtins, "exec", trap)
+    monkeypatch.setattr(importlib, "import_module", trap)
     assert set(load_torch_checkpoint(golden_path)) == {"w", "b"}
 
 
