@@ -100,7 +100,10 @@ def main(argv=None):
         upstream = var
     else:
         transformer, vqvae = build_ours(args.depth, patch_nums)
-    pipe = VARPipeline(transformer=transformer.to(DTYPES[args.dtype]), vqvae=vqvae).to(args.device)
+    dtype = DTYPES[args.dtype]
+    vqvae = vqvae.to(dtype)
+    vqvae.quantizer.float()  # the codebook and Phi convolutions stay float32, as from_pretrained(dtype=...) keeps them
+    pipe = VARPipeline(transformer=transformer.to(dtype), vqvae=vqvae).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     if args.compile:
         pipe.compile()
