@@ -113,3 +113,22 @@ def test_edit_runs(golden_pipelines, name, run_index):
     for k, theirs in enumerate(expected_tokens(data, f"edit.{tag}", len(config["patch_nums"]))):
         assert torch.equal(out.scale_indices[k], theirs), f"{tag}: scale {k} tokens differ"
     torch.testing.assert_close(out.images, data[f"edit.{tag}.image"], atol=1e-4, rtol=0)
+
+
+# Documented tolerance of the fast dtypes: teacher-forced logits relative to float32 (relative L2 error).
+HALF_PRECISION_RELATIVE_ERROR = {torch.bfloat16: 0.02, torch.float16: 0.01}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_stay_close_to_float32(converted_pipelines, name, dtype):
+    from var_hf import VARTransformer
+
+    data = expected(name)
+    model = VARTransformer.from_pretrained(converted_pipelines[name] / "transformer", dtype=dtype).eval()
+    assert model.dtype == dtype
+    with torch.no_grad():
+        logits = model(class_labels=data["input.labels"], teacher_input=data["var.teacher_input"]).logits
+    assert logits.dtype == torch.float32
+    relative = (logits - data["var.logits"]).norm() / data["var.logits"].norm()
+    assert 0 < relative < HALF_PRECISION_RELATIVE_ERROR[dtype], float(relative)
