@@ -188,3 +188,17 @@ def test_upstream_golden_pth_files_convert_and_sample_identically(tmp_path, name
     for k, tokens in enumerate(out.scale_indices):
         assert torch.equal(tokens, data[f"sample.{run['tag']}.idx.{k}"])
     torch.testing.assert_close(out.images, data[f"sample.{run['tag']}.image"], atol=1e-4, rtol=0)
+
+
+def test_training_checkpoint_with_pickled_arguments_needs_the_ignore_flag(tmp_path, capsys):
+    """Upstream's training checkpoints carry an argument object: refused by name, or skipped (never imported) on request."""
+    import argparse
+
+    var_state = load_file(str(golden_files(NAME)["var"]))
+    torch.save({"trainer": {"var_wo_ddp": var_state}, "args": argparse.Namespace(depth=2, tblr=1e-4)}, tmp_path / "ar-ckpt-best.pth")
+    args = ["--vae", str(golden_files(NAME)["vae"]), "--var", str(tmp_path / "ar-ckpt-best.pth"), "--output", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "argparse" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(args + ["--ignore-unknown-objects"]) == 0
+    ours, expected = teacher_logits(tmp_path / "out")
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
