@@ -305,9 +305,10 @@ class VARTransformer(VARPreTrainedModel):
     def null_class_id(self) -> int:
         return self.config.num_classes
 
-    def scale_pos_embeds(self) -> torch.Tensor:
-        """Scale embedding + absolute position embedding of every token, (1, L, C)."""
-        return self.scale_embed(self.scale_of_token) + self.pos_embed
+    def scale_pos_embeds(self, begin: int = 0, end: int | None = None) -> torch.Tensor:
+        """Scale embedding + absolute position embedding of tokens [begin, end), (1, end - begin, C)."""
+        end = self.config.seq_len if end is None else end
+        return self.scale_embed(self.scale_of_token[:, begin:end]) + self.pos_embed[:, begin:end]
 
     def adaln_condition(self, class_embeds: torch.Tensor) -> torch.Tensor:
         """What the blocks receive: the class embedding, or the shared AdaLN output (B, 1, 6, C)."""
@@ -390,14 +391,14 @@ class VARTransformer(VARPreTrainedModel):
         return (
             class_embeds.unsqueeze(1).expand(batch, first, -1)
             + self.start_pos_embed.expand(batch, first, -1)
-            + self.scale_pos_embeds()[:, :first]
+            + self.scale_pos_embeds(0, first)
         )
 
     def next_scale_embeds(self, scale_index: int, latent_tokens: torch.Tensor) -> torch.Tensor:
         """Embed the continuous input of scale `scale_index` (B, pn², Cvae) -> (B, pn², C)."""
         begin, end = self.config.scale_ranges[scale_index]
         tokens = self.input_proj(latent_tokens.to(self.input_proj.weight.dtype))
-        return tokens + self.scale_pos_embeds()[:, begin:end]
+        return tokens + self.scale_pos_embeds(begin, end)
 
     def forward_scale(
         self, scale_index: int, hidden_states: torch.Tensor, condition: torch.Tensor, class_embeds: torch.Tensor

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 
@@ -49,8 +48,3 @@ def check_folder_has_no_pickles(folder: str | Path) -> None:
                     head = f.read(4)
                 kind = "a pickle" if any(head.startswith(m[:4]) or head[:2] == m[:2] for m in PICKLE_MAGICS) else "not safetensors"
                 raise PickleRefusedError(f"{relative} is named .safetensors but its content is {kind}; refusing to load it")
-
-
-def read_json(path: str | Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
