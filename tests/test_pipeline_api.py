@@ -43,6 +43,14 @@ def test_output_types_agree(pipe):
     torch.testing.assert_close(images, pt.images, atol=0, rtol=0)
 
 
+def test_chunked_decoding_gives_the_same_images(pipe):
+    whole = sample(pipe, class_labels=[1, 2, 3], output_type="pt")
+    chunked = sample(pipe, class_labels=[1, 2, 3], output_type="pt", decode_batch_size=2)
+    torch.testing.assert_close(chunked.images, whole.images, atol=1e-5, rtol=0)  # batch-size dependent kernels
+    with pytest.raises(ValueError, match="decode_batch_size"):
+        sample(pipe, class_labels=[1], decode_batch_size=0)
+
+
 def test_same_seed_same_images_and_seed_matters(pipe):
     a = sample(pipe, class_labels=[3, 4], output_type="pt")
     b = sample(pipe, class_labels=[3, 4], output_type="pt")

@@ -297,13 +297,15 @@ class VARPipeline(DiffusionPipeline):
     def interrupt(self) -> bool:
         return self._interrupt
 
-    def check_inputs(self, guidance_scale, top_k, top_p, num_images_per_prompt, output_type, image, edit_mask, generator, callback_on_step_end_tensor_inputs):
+    def check_inputs(self, guidance_scale, top_k, top_p, num_images_per_prompt, output_type, image, edit_mask, generator, callback_on_step_end_tensor_inputs, decode_batch_size=None):
         if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a number >= 0, got {guidance_scale!r}")
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
         if not isinstance(top_p, (int, float)) or not 0.0 <= top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1] (0 disables it), got {top_p!r}")
+        if decode_batch_size is not None and (not isinstance(decode_batch_size, int) or decode_batch_size < 1):
+            raise ValueError(f"decode_batch_size must be a positive int, got {decode_batch_size!r}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
         if output_type not in ("pil", "np", "pt"):
@@ -331,6 +333,7 @@ class VARPipeline(DiffusionPipeline):
         image: PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None,
         edit_mask: torch.Tensor | np.ndarray | PIL.Image.Image | None = None,
         batch_size: int | None = None,
+        decode_batch_size: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> VARPipelineOutput | tuple:
@@ -355,6 +358,7 @@ class VARPipeline(DiffusionPipeline):
             edit_mask: 1 keeps the image's tokens, 0 lets the model draw. At the last scale's token grid
                 (pn_K × pn_K), or at any square resolution (reduced by area averaging); (h, w), (B, h, w) or (B, 1, h, w).
             batch_size: number of images when `class_labels` is `None` (default 1, or the number of images to edit).
+            decode_batch_size: decode the latents in chunks of this many images (less memory for big batches).
             callback_on_step_end: `fn(pipe, scale_index, scale_index, callback_kwargs) -> dict` after every scale;
                 may replace "f_hat". Set `pipe._interrupt = True` inside it to stop early.
             callback_on_step_end_tensor_inputs: names passed in `callback_kwargs` ("f_hat", "logits").
@@ -364,7 +368,7 @@ class VARPipeline(DiffusionPipeline):
         """
         # 1. Check inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["f_hat"]
-        self.check_inputs(guidance_scale, top_k, top_p, num_images_per_prompt, output_type, image, edit_mask, generator, callback_on_step_end_tensor_inputs)
+        self.check_inputs(guidance_scale, top_k, top_p, num_images_per_prompt, output_type, image, edit_mask, generator, callback_on_step_end_tensor_inputs, decode_batch_size)
         self._guidance_scale = float(guidance_scale)
         self._interrupt = False
         transformer, vqvae = self.transformer, self.vqvae
@@ -437,7 +441,8 @@ class VARPipeline(DiffusionPipeline):
             transformer.setup_kv_cache(None)
 
         # 4. Decode the accumulated latent
-        images = vqvae.decode(f_hat).sample  # (B, 3, H, W) in [-1, 1]
+        chunks = f_hat.split(decode_batch_size) if decode_batch_size else (f_hat,)
+        images = torch.cat([vqvae.decode(chunk).sample for chunk in chunks])  # (B, 3, H, W) in [-1, 1]
 
         # 5. Post-process to [0, 1]
         images = self.image_processor.postprocess(images.float(), output_type=output_type)
