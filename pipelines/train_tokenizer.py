@@ -11,7 +11,7 @@ Example (small tokenizer on an image folder, 32 px, latent 8×8):
 
     accelerate launch pipelines/train_tokenizer.py \
         --train_data_dir ./images --output_dir ./tokenizer \
-        --resolution 32 --patch_nums 1,2,4,8 --base_channels 64 --channel_multipliers 1,2 \
+        --resolution 32 --patch_nums 1,2,4,8 --base_channels 64 --channel_multipliers 1,2,2 \
         --codebook_size 1024 --latent_channels 16 --train_batch_size 32 --max_train_steps 20000 \
         --checkpointing_steps 1000 --validation_steps 500 --resume_from_checkpoint latest
 
@@ -658,4 +658,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    try:
+        sys.exit(0 if main() else 1)
+    except ValueError as error:  # bad flags or data: a clear message, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
