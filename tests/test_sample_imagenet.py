@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
 import sample_imagenet  # noqa: E402
@@ -32,3 +33,25 @@ def test_sample_resume_and_npz(tmp_path):
         assert "other settings" in str(error)
     else:
         raise AssertionError("a folder with other settings must be refused")
+
+
+def test_two_processes_give_the_same_samples(tmp_path):
+    """Batches are seeded by their number only: sharding over 2 processes changes nothing."""
+    import os
+    import subprocess
+
+    args = ["--num_per_class", "2", "--classes", "0", "3", "9", "--batch_size", "2", "--seed", "1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the launched processes: thread count changes float reduction order
+    try:
+        sample_imagenet.main(["--output_dir", str(tmp_path / "one"), *args])
+    finally:
+        torch.set_num_threads(threads)
+    script = Path(sample_imagenet.__file__)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(30500 + os.getpid() % 1000),
+               str(script), "--output_dir", str(tmp_path / "two"), *args]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "two" / "samples.npz")["arr_0"], np.load(tmp_path / "one" / "samples.npz")["arr_0"])
