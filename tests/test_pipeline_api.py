@@ -300,3 +300,19 @@ def test_default_model_samples():
     pipe.set_progress_bar_config(disable=True)
     out = pipe(class_labels=[1, 2], generator=torch.Generator().manual_seed(0), output_type="np")
     assert out.images.shape[0] == 2 and out.images.shape[-1] == 3
+
+
+def test_imagenet_names_through_the_contract_call(golden_pipelines):
+    """A 1000-class pipeline takes the contract's mixed labels: ids and ImageNet names (comma aliases too)."""
+    from var_hf.convert_var_original import imagenet_id2label
+
+    vqvae = golden_pipelines[NAME].vqvae
+    config = VARConfig(depth=1, embed_dim=64, num_heads=1, patch_nums=(1, 2, 3, 4), codebook_size=256, latent_channels=8, num_classes=1000)
+    imagenet = VARPipeline(transformer=VARTransformer(config).eval(), vqvae=vqvae, id2label=imagenet_id2label())
+    imagenet.set_progress_bar_config(disable=True)
+    assert imagenet.get_label_ids(["goldfish", "golden retriever", "Tinca tinca"]) == [1, 207, 0]
+    by_name = imagenet(class_labels=[207, "goldfish"], generator=torch.Generator().manual_seed(0), output_type="pt")
+    by_id = imagenet(class_labels=[207, 1], generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert torch.equal(by_name.images, by_id.images)
+    with pytest.raises(ValueError, match="unknown class"):
+        imagenet(class_labels=["goldfsh"])
