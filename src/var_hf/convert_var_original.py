@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from .configuration_var import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig
 from .modeling_var import VARTransformer, var_block_causal_mask
-from .safety import looks_like_safetensors
+from .checkpoint_reader import FORMAT_SAFETENSORS, detect_format, load_torch_checkpoint
 from .vq_var import MultiScaleVQModel
 
 CONVERTER_VERSION = "1"
@@ -57,10 +57,8 @@ def read_state_dict(path: str | Path, nested_key: str | None = None, ignore_unkn
     a non-executing reader). Training checkpoints nest the state dict under `trainer` -> `nested_key`.
     """
     path = Path(path)
-    if looks_like_safetensors(path):
+    if detect_format(path) == FORMAT_SAFETENSORS:  # by content; anything but safetensors or a torch zip is refused
         return load_file(str(path))
-    from .checkpoint_reader import load_torch_checkpoint  # refuses anything but plain tensors and containers
-
     obj = load_torch_checkpoint(path, ignore_unknown_objects=ignore_unknown_objects)
     if isinstance(obj, dict) and "trainer" in obj and isinstance(obj["trainer"], dict):
         if nested_key is None or nested_key not in obj["trainer"]:

@@ -8,7 +8,7 @@ from huggingface_hub import HfApi
 
 from .safety import check_folder_has_no_pickles
 
-# What a published pipeline consists of; optimizer/RNG states, checkpoints and anything else stay local.
+# What a published pipeline consists of (uploaded and downloaded); optimizer/RNG states, checkpoints, code stay local.
 UPLOAD_ALLOW_PATTERNS = ["*.json", "*.safetensors", "README.md"]
 
 

@@ -368,21 +368,10 @@ class VARTransformer(VARPreTrainedModel):
         """Preallocate a static KV cache for `batch_size` rows (the CFG-doubled batch); `None` removes it."""
         for layer in self.layers:
             attn = layer.attn
-            if batch_size is None:
-                attn.kv_cache = None
-                continue
-            cache = attn.kv_cache
-            dtype_ = dtype or attn.qkv_proj.weight.dtype
-            device_ = device or attn.qkv_proj.weight.device
-            if (
-                cache is None
-                or cache.key_cache.shape[0] != batch_size
-                or cache.key_cache.dtype != dtype_
-                or cache.key_cache.device != torch.device(device_)
-            ):
-                attn.kv_cache = VARKVCache(
-                    batch_size, attn.num_heads, self.config.seq_len, attn.head_dim, dtype_, device_
-                )
+            attn.kv_cache = None if batch_size is None else VARKVCache(
+                batch_size, attn.num_heads, self.config.seq_len, attn.head_dim,
+                dtype or attn.qkv_proj.weight.dtype, device or attn.qkv_proj.weight.device,
+            )
 
     def first_scale_embeds(self, class_embeds: torch.Tensor) -> torch.Tensor:
         """Input of the first scale: class embedding + start position + scale/position embedding, (B, first_l, C)."""

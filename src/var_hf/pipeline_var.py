@@ -16,6 +16,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 
 from .modeling_var import VARTransformer
+from .hub import UPLOAD_ALLOW_PATTERNS
 from .safety import check_folder_has_no_pickles
 from .sampling_var import apply_guidance, filter_top_k_top_p_, gumbel_soft_embedding, guidance_weight, sample_tokens
 from .vq_var import MultiScaleVQModel
@@ -31,10 +32,6 @@ EXAMPLE_DOC_STRING = """
         >>> out.images[0].save("seven.png")
         ```
 """
-
-# Files a pipeline folder may hold: configs, safetensors weights and the model card. Nothing else is downloaded.
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "README.md"]
-
 
 @dataclass
 class VARPipelineOutput(BaseOutput):
@@ -94,7 +91,7 @@ class VARPipeline(DiffusionPipeline):
             token=kwargs.get("token"),
             local_files_only=kwargs.get("local_files_only", False),
             force_download=kwargs.get("force_download", False),
-            allow_patterns=HUB_ALLOW_PATTERNS,
+            allow_patterns=UPLOAD_ALLOW_PATTERNS,  # configs, safetensors, card: never pickles or code
         )
 
     @classmethod
@@ -452,4 +449,4 @@ class VARPipeline(DiffusionPipeline):
         return VARPipelineOutput(images=images, scale_indices=scale_indices)
 
 
-__all__ = ["VARPipeline", "VARPipelineOutput", "HUB_ALLOW_PATTERNS"]
+__all__ = ["VARPipeline", "VARPipelineOutput"]

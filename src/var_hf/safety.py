@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
+from .checkpoint_reader import FORMAT_SAFETENSORS, UnsafeCheckpointError, detect_format
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-# First bytes of files that are pickles or pickle containers: zip (torch.save), raw pickle protocol 2-5, tar, 7z, gzip.
-PICKLE_MAGICS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"7z\xbc\xaf", b"\x1f\x8b")
 
 
 class PickleRefusedError(ValueError):
     """A pickle-format file was found where safetensors weights belong."""
-
-
-def looks_like_safetensors(path: Path) -> bool:
-    """A safetensors file starts with an 8-byte little-endian header length followed by a JSON object."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
-        return False
-    (header_len,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 2 <= header_len <= path.stat().st_size - 8
 
 
 def weight_locations(folder: Path) -> list[Path]:
@@ -43,8 +32,10 @@ def check_folder_has_no_pickles(folder: str | Path) -> None:
                     f"{relative}: weights in a pickle format are refused (loading a pickle can run arbitrary code). "
                     "Convert them to safetensors with `python conversion/convert_original_var.py` or remove the file."
                 )
-            if path.suffix == ".safetensors" and not looks_like_safetensors(path):
-                with open(path, "rb") as f:
-                    head = f.read(4)
-                kind = "a pickle" if any(head.startswith(m[:4]) or head[:2] == m[:2] for m in PICKLE_MAGICS) else "not safetensors"
-                raise PickleRefusedError(f"{relative} is named .safetensors but its content is {kind}; refusing to load it")
+            if path.suffix == ".safetensors":
+                try:
+                    kind = detect_format(path)  # by content, never by loading
+                except UnsafeCheckpointError as error:
+                    raise PickleRefusedError(f"{relative} is named .safetensors but is not: {error}") from None
+                if kind != FORMAT_SAFETENSORS:
+                    raise PickleRefusedError(f"{relative} is named .safetensors but its content is a torch pickle checkpoint; refusing to load it")
