@@ -51,7 +51,7 @@ def var_block_causal_mask(patch_nums: list[int]) -> torch.Tensor:
 
 def var_drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
     """Stochastic depth per sample (timm semantics)."""
-    if drop_prob == 0.0 or not training:
+    if not training or drop_prob == 0.0:  # `training` first: no per-layer guard on drop_prob under torch.compile
         return hidden_states
     keep_prob = 1.0 - drop_prob
     keep = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)).bernoulli_(keep_prob)
@@ -73,6 +73,20 @@ class VARKVCache(nn.Module):
         self.key_cache[:, :, begin:end] = key
         self.value_cache[:, :, begin:end] = value
         return self.key_cache[:, :, :end], self.value_cache[:, :, :end]
+
+
+@torch.compiler.disable
+def var_kv_cached_attention(kv_cache: "VARKVCache", begin: int, query, key, value, scale: float, eager: bool) -> torch.Tensor:
+    """
+    Sampling attention of one scale's queries (B, H, l, D) over the cached keys/values of all tokens so far.
+
+    Kept out of `torch.compile` graphs: the cache's fixed sizes would otherwise pin every compiled block to one batch
+    size and scale, while without it one dynamic-shape compilation serves them all.
+    """
+    key, value = kv_cache.update(begin, key, value)  # (B, H, begin + l, D)
+    if eager:
+        return var_eager_attention(query, key, value, None, scale, 0.0)
+    return F.scaled_dot_product_attention(query, key, value, scale=scale)
 
 
 def var_eager_attention(query, key, value, attention_mask, scale: float, dropout: float) -> torch.Tensor:
@@ -127,11 +141,13 @@ class VARAttention(nn.Module):
             scale = self.logit_scale.clamp_max(self.max_logit_scale).exp()  # (1, H, 1, 1)
             query = F.normalize(query, dim=-1).mul(scale)
             key = F.normalize(key, dim=-1)
-        if self.kv_cache is not None and cache_position is not None:
-            key, value = self.kv_cache.update(cache_position, key, value)  # (B, H, L_so_far, D)
-
         dropout = self.config.attn_dropout if self.training else 0.0
-        if self.config._attn_implementation == "eager":
+        eager = self.config._attn_implementation == "eager"
+        if self.kv_cache is not None and cache_position is not None:
+            if attention_mask is not None:
+                raise ValueError("KV-cached attention is block-causal by construction and takes no attention_mask")
+            attn = var_kv_cached_attention(self.kv_cache, cache_position, query, key, value, self.softmax_scale, eager)
+        elif eager:
             attn = var_eager_attention(query, key, value, attention_mask, self.softmax_scale, dropout)
         else:
             attn = F.scaled_dot_product_attention(

@@ -13,13 +13,15 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 
 from .modeling_var import VARTransformer
 from .hub import UPLOAD_ALLOW_PATTERNS
 from .safety import check_folder_has_no_pickles
 from .sampling_var import apply_guidance, filter_top_k_top_p_, gumbel_soft_embedding, guidance_weight, sample_tokens
 from .vq_var import MultiScaleVQModel
+
+logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -146,17 +148,64 @@ class VARPipeline(DiffusionPipeline):
             write_model_card(folder, self, repo_id=repo_id, **(model_card_kwargs or {}))
             return push_folder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
-    def compile(self, **compile_kwargs) -> "VARPipeline":
+    def compile(
+        self,
+        *,
+        cuda_graphs: bool = True,
+        compile_transformer: bool = True,
+        compile_decoder: bool = True,
+        **compile_kwargs,
+    ) -> "VARPipeline":
         """
-        Opt-in speed: `torch.compile` every transformer block and the VQ decoder (channels-last). Each scale has a fixed
-        shape, so each block compiles once per scale. Float32 results stay within float tolerance of the eager path.
+        Opt-in speed, one call: `pipe = VARPipeline.from_pretrained(path, dtype=torch.bfloat16).to("cuda").compile()`.
+
+        - `cuda_graphs`: the transformer step of every scale runs from preallocated buffers (static KV cache) and, on
+          CUDA, as one captured CUDA graph per scale and batch size (captured on the first call with that batch size;
+          a few seconds). Removes the kernel-launch overhead that dominates small batches. Same kernels, same results.
+        - `compile_transformer`: `torch.compile` of every transformer block (fused normalisation, modulation and
+          activations); one compilation with dynamic shapes serves all scales and batch sizes.
+        - `compile_decoder`: `torch.compile` of the VQ decoder in channels-last layout (fused GroupNorm + SiLU).
+
+        Compiled kernels round differently from eager ones, so compiled float32 results are within float tolerance of
+        the reference path, not bit-identical; `cuda_graphs` alone changes nothing. Use a generator on the pipeline's
+        device (`torch.Generator("cuda")`) for speed: a CPU generator moves every scale's probabilities to the CPU.
+        `compile_kwargs` go to `torch.compile` (e.g. `mode="max-autotune"`).
         """
-        compile_kwargs.setdefault("dynamic", False)
-        for layer in self.transformer.layers:
-            layer.forward = torch.compile(layer.forward, **compile_kwargs)
-        self.vqvae.decoder.to(memory_format=torch.channels_last)
-        self.vqvae.decoder.forward = torch.compile(self.vqvae.decoder.forward, **compile_kwargs)
+        self._use_scale_graphs = cuda_graphs
+        self._scale_graphs = None
+        if compile_transformer or compile_decoder:
+            import torch._dynamo
+
+            # One entry per (scale shape, batch) would pass dynamo's default recompile limit of 8.
+            config = torch._dynamo.config
+            limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            setattr(config, limit_name, max(getattr(config, limit_name), 64))
+        if compile_transformer:
+            kwargs = {"dynamic": True, **compile_kwargs}
+            for layer in self.transformer.layers:
+                if not hasattr(layer, "_eager_forward"):
+                    layer._eager_forward = layer.forward
+                layer.forward = torch.compile(layer._eager_forward, **kwargs)
+        if compile_decoder:
+            decoder = self.vqvae.decoder
+            decoder.to(memory_format=torch.channels_last)
+            if not hasattr(decoder, "_eager_forward"):
+                decoder._eager_forward = decoder.forward
+            decoder.forward = torch.compile(decoder._eager_forward, **compile_kwargs)  # static, dynamic from a 2nd batch size
         return self
+
+    def _scale_step_runner(self, batch_rows: int, dtype: torch.dtype, device: torch.device):
+        """The static-buffer / CUDA-graph runner of the transformer step for this batch (see `compile`), or None."""
+        if not getattr(self, "_use_scale_graphs", False):
+            return None
+        from .cuda_graphs_var import VARScaleGraphs
+
+        runner = self._scale_graphs
+        if runner is None or not runner.matches(self.transformer, batch_rows, dtype, device):
+            self._scale_graphs = None  # free the previous batch size's buffers and graphs first
+            runner = VARScaleGraphs(self.transformer, batch_rows, dtype, device)
+            self._scale_graphs = runner
+        return runner
 
     # ------------------------------------------------------------------------------------------------- labels
     @property
@@ -372,6 +421,13 @@ class VARPipeline(DiffusionPipeline):
         config = transformer.config
         device = self._execution_device
         editing = image is not None
+        if generator is not None and generator.device.type != device.type and not getattr(self, "_warned_generator_device", False):
+            self._warned_generator_device = True
+            logger.warning(
+                f"The generator is on {generator.device.type} and the pipeline on {device.type}: every scale's probabilities "
+                f"are copied to {generator.device.type} for the draw (reproducible across devices, but slow). For speed pass "
+                f"torch.Generator('{device.type}').manual_seed(seed), as upstream's g_seed does."
+            )
 
         # 2. Class labels (+ the null class for classifier-free guidance, batch doubled)
         if class_labels is None and editing:
@@ -403,14 +459,22 @@ class VARPipeline(DiffusionPipeline):
         scale_indices: list[torch.LongTensor] = []
 
         # 3. Scale loop: predict each token map from all coarser ones (static KV cache)
-        transformer.setup_kv_cache(2 * batch, dtype=hidden_states.dtype, device=device)
+        runner = self._scale_step_runner(2 * batch, hidden_states.dtype, device)
+        if runner is None:
+            transformer.setup_kv_cache(2 * batch, dtype=hidden_states.dtype, device=device)
+        else:
+            runner.attach()
+            runner.set_condition(class_embeds, condition)
         try:
             with self.progress_bar(total=num_scales) as progress_bar:
                 for si, pn in enumerate(config.patch_nums):
                     if self.interrupt:
                         break
                     ratio = si / (num_scales - 1)
-                    logits = transformer.forward_scale(si, hidden_states, condition, class_embeds)  # (2B, pn², V)
+                    if runner is None:
+                        logits = transformer.forward_scale(si, hidden_states, condition, class_embeds)  # (2B, pn², V)
+                    else:
+                        logits = runner.step(si, hidden_states)  # same, from static buffers / a CUDA graph
                     logits = apply_guidance(logits, guidance_weight(self._guidance_scale, si, num_scales))  # (B, pn², V)
                     filter_top_k_top_p_(logits, top_k=top_k, top_p=top_p)
                     tokens = sample_tokens(logits, generator)  # (B, pn²)

@@ -4,6 +4,10 @@
     python tests/benchmarks/bench_sampling.py --depth 16 --batch-sizes 1 64 --dtype bf16 --upstream upstream/
     python tests/benchmarks/bench_sampling.py --depth 2 --batch-sizes 1 --device cpu --dtype fp32   # smoke test
 
+`--variants eager graphs compiled` times the plain pipeline, then static buffers + per-scale CUDA graphs, then the full
+`pipe.compile()`, each on the same weights, reporting the first call (compilation, capture) apart; the variants' tokens
+for one seed are compared with the plain pipeline's.
+
 With `--upstream PATH` (a checkout of FoundationVision/VAR, never committed) the upstream model is built with its
 own code, randomly initialised, converted with our converter, and both are timed alternately in the same process
 as a user calls them: upstream under its demo settings (fp16 autocast on CUDA, fp32 on the CPU), ours through the
@@ -41,7 +45,11 @@ def parse_args(argv=None):
     parser.add_argument("--upstream", default=None, help="path to a FoundationVision/VAR checkout")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--compile", action="store_true", help="call pipe.compile() first")
+    parser.add_argument("--compile", action="store_true", help="shorthand for --variants compiled")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                        help="pipeline variants timed one after the other on the same weights: eager, graphs (static "
+                             "buffers + CUDA graphs), compiled (pipe.compile()); each adds to the previous")
+    parser.add_argument("--profile", default=None, help="write a profiler table of one call at the largest batch size here")
     parser.add_argument("--output", default=None, help="JSON file to write")
     return parser.parse_args(argv)
 
@@ -87,10 +95,34 @@ def timed(fn, device):
     return time.perf_counter() - start, result
 
 
+VARIANTS = {
+    # name: arguments of pipe.compile() applied on top of the previous variant (None: plain pipeline)
+    "eager": None,
+    "graphs": dict(compile_transformer=False, compile_decoder=False),  # static buffers + per-scale CUDA graphs
+    "compiled": dict(),  # + torch.compile of the blocks and the decoder: what `pipe.compile()` does
+}
+
+
+def profile_call(fn, path, device, rows=25):
+    """One profiled call: the kernels that took the most device time, as a table (written to `path`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    sort_by = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70)
+    Path(path).write_text(table)
+    return table
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = args.dtype != "fp32"
     torch.backends.cudnn.allow_tf32 = args.dtype != "fp32"
+    cuda = args.device.startswith("cuda")
     patch_nums = patch_nums_for(args.resolution)
     upstream = None
     if args.upstream:
@@ -105,47 +137,75 @@ def main(argv=None):
     vqvae.quantizer.float()  # the codebook and Phi convolutions stay float32, as from_pretrained(dtype=...) keeps them
     pipe = VARPipeline(transformer=transformer.to(dtype), vqvae=vqvae).to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    if args.compile:
-        pipe.compile()
+    variants = args.variants or (["compiled"] if args.compile else ["eager"])
 
     sample_kwargs = dict(guidance_scale=1.5, top_k=900, top_p=0.96)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.float16) if args.device.startswith("cuda") and args.dtype != "fp32" else contextlib.nullcontext()
-    )
-    results = []
-    for batch in args.batch_sizes:
-        labels = [(7 * i) % 1000 for i in range(batch)]
-        ours_times, theirs_times = [], []
-        for step in range(args.warmup + args.repeats):
-            generator = torch.Generator(device=args.device).manual_seed(step)
-            dt, out = timed(lambda: pipe(class_labels=labels, generator=generator, output_type="pt", **sample_kwargs), args.device)
-            if step >= args.warmup:
+    autocast = torch.autocast("cuda", dtype=torch.float16) if cuda and args.dtype != "fp32" else contextlib.nullcontext()
+
+    def ours_call(batch_labels, seed):
+        generator = torch.Generator(device=args.device).manual_seed(seed)
+        return pipe(class_labels=batch_labels, generator=generator, output_type="pt", **sample_kwargs)
+
+    def upstream_call(batch_labels, seed):
+        label_tensor = torch.tensor(batch_labels, device=args.device)
+        with torch.inference_mode(), autocast:
+            return upstream.autoregressive_infer_cfg(B=len(batch_labels), label_B=label_tensor, g_seed=seed, cfg=1.5, top_k=900, top_p=0.96)
+
+    results, checks = [], {}
+    check_labels = [1, 2]
+    for variant in variants:
+        if VARIANTS[variant] is not None:
+            pipe.compile(**VARIANTS[variant])
+        for batch in args.batch_sizes:
+            labels = [(7 * i) % 1000 for i in range(batch)]
+            first_s, _ = timed(lambda: ours_call(labels, 0), args.device)  # compilation / graph capture happen here
+            for _ in range(max(args.warmup - 1, 0)):
+                ours_call(labels, 0)
+            ours_times, theirs_times = [], []
+            for step in range(args.repeats):
+                dt, _ = timed(lambda: ours_call(labels, step), args.device)
                 ours_times.append(dt)
-            if upstream is not None:
-                label_tensor = torch.tensor(labels, device=args.device)
-                with torch.inference_mode(), autocast:
-                    dt_up, _ = timed(lambda: upstream.autoregressive_infer_cfg(B=batch, label_B=label_tensor, g_seed=step, cfg=1.5, top_k=900, top_p=0.96), args.device)
-                if step >= args.warmup:
+                if upstream is not None:
+                    if step == 0:
+                        upstream_call(labels, 0)  # warm-up
+                    dt_up, _ = timed(lambda: upstream_call(labels, step), args.device)
                     theirs_times.append(dt_up)
-        row = {"batch": batch, "ours_s": statistics.median(ours_times), "ours_img_per_s": batch / statistics.median(ours_times)}
-        if theirs_times:
-            row.update(upstream_s=statistics.median(theirs_times), upstream_img_per_s=batch / statistics.median(theirs_times))
-            row["speedup"] = row["upstream_s"] / row["ours_s"]
-        results.append(row)
-        print(json.dumps(row))
+            row = {"variant": variant, "batch": batch, "first_call_s": first_s, "ours_s": statistics.median(ours_times),
+                   "ours_img_per_s": batch / statistics.median(ours_times), "ours_all_s": ours_times}
+            if theirs_times:
+                row.update(upstream_s=statistics.median(theirs_times), upstream_img_per_s=batch / statistics.median(theirs_times), upstream_all_s=theirs_times)
+                row["speedup"] = row["upstream_s"] / row["ours_s"]
+            results.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if not k.endswith("all_s")}), flush=True)
+        # Same seed, same weights: each variant's tokens, compared with the plain pipeline's below.
+        checks[variant] = ours_call(check_labels, 5)
+    if "eager" in checks:
+        reference = checks["eager"]
+        for variant, out in checks.items():
+            same = all(torch.equal(a, b) for a, b in zip(reference.scale_indices, out.scale_indices))
+            checks_row = {"check": f"{variant}_vs_eager", "tokens_identical": same,
+                          "max_image_diff": float((reference.images - out.images).abs().max())}
+            print(json.dumps(checks_row), flush=True)
+            results.append(checks_row)
+    if args.profile:
+        batch = max(args.batch_sizes)
+        labels = [(7 * i) % 1000 for i in range(batch)]
+        table = profile_call(lambda: ours_call(labels, 1), args.profile, args.device)
+        print("\n".join(table.splitlines()[:20]))
 
     if upstream is not None and args.dtype == "fp32":
         # Reference mode: identical tokens from the same seed (upstream keeps the generator on its device).
-        upstream.rng = torch.Generator(device=args.device)
-        ours = pipe(class_labels=[1, 2], generator=torch.Generator(device=args.device).manual_seed(5), top_k=900, top_p=0.96, output_type="pt").images
-        with torch.inference_mode():
-            theirs = upstream.autoregressive_infer_cfg(B=2, label_B=torch.tensor([1, 2], device=args.device), g_seed=5, cfg=1.5, top_k=900, top_p=0.96)
-        print(json.dumps({"reference_mode_max_image_diff": float((ours - theirs).abs().max())}))
+        theirs = upstream_call(check_labels, 5)
+        out = checks.get("eager") or ours_call(check_labels, 5)
+        row = {"check": "reference_mode_vs_upstream", "max_image_diff": float((out.images - theirs).abs().max())}
+        print(json.dumps(row), flush=True)
+        results.append(row)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
     report = {"benchmark": "sampling", "depth": args.depth, "resolution": args.resolution, "dtype": args.dtype,
-              "device": device_name, "commit": commit, "date": time.strftime("%Y-%m-%d"), "compile": args.compile, "results": results}
+              "device": device_name, "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d"),
+              "results": results}
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=1))
     return report

@@ -45,6 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block (as train_var.py --torch_compile)")
+    parser.add_argument("--upstream-with-tokenizer", action="store_true",
+                        help="also time upstream's trainer step as it runs: VQ-encoding the images every step")
     parser.add_argument("--output", default=None)
     return parser.parse_args(argv)
 
@@ -70,7 +73,7 @@ def main(argv=None):
     autocast = torch.autocast("cuda" if cuda else "cpu", dtype=DTYPES[args.dtype]) if args.dtype != "fp32" else contextlib.nullcontext()
     upstream = None
     if args.upstream:
-        _, upstream = build_upstream(args.upstream, args.depth, patch_nums, args.device)
+        build_upstream.last_vae, upstream = build_upstream(args.upstream, args.depth, patch_nums, args.device)
         ours = convert_var_transformer({k: v.cpu() for k, v in upstream.state_dict().items()}, patch_nums=list(patch_nums))
         upstream.train()
     else:
@@ -84,39 +87,72 @@ def main(argv=None):
     targets = torch.randint(0, config.codebook_size, (batch, config.seq_len), device=args.device)
     teacher = torch.randn(batch, config.seq_len - config.first_scale_len, config.latent_channels, device=args.device)
 
-    def make_step(model, forward):
+    def make_step(model, forward, amp, scaler=None, prepare=None):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=cuda)
 
         def step():
-            with autocast:
-                logits = forward(model)
+            inputs = teacher if prepare is None else prepare()
+            with amp:
+                logits = forward(model, inputs)
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-            optimizer.step()
+            if scaler is not None:  # upstream's fp16 recipe (AmpOptimizer): scaled loss, unscale before clipping
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         return step
 
-    results = {}
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    ours_s = time_steps(make_step(ours, lambda m: m(class_labels=labels, teacher_input=teacher).logits), args.steps, args.warmup, args.device)
-    results["ours_img_per_s"] = batch / ours_s
-    if cuda:
-        results["ours_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    if upstream is not None:
+    def measure(name, step):
         if cuda:
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        theirs_s = time_steps(make_step(upstream, lambda m: m(labels, teacher)), args.steps, args.warmup, args.device)
-        results["upstream_img_per_s"] = batch / theirs_s
-        results["speedup"] = theirs_s / ours_s
+        start = time.perf_counter()
+        step()  # first step: compilation happens here
         if cuda:
-            results["upstream_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.synchronize()
+        results[f"{name}_first_step_s"] = time.perf_counter() - start
+        seconds = time_steps(step, args.steps, max(args.warmup - 1, 0), args.device)
+        results[f"{name}_img_per_s"] = batch / seconds
+        if cuda:
+            results[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(json.dumps({name: round(batch / seconds, 2)}), flush=True)
+        return seconds
+
+    results = {}
+    if args.compile:
+        from var_hf.training_var import compile_transformer_blocks
+
+        compile_transformer_blocks(ours)
+    ours_s = measure("ours", make_step(ours, lambda m, x: m(class_labels=labels, teacher_input=x).logits, autocast))
+    if upstream is not None:
+        # Upstream's own recipe: fp16 autocast with a GradScaler on CUDA (its --fp16=1), float32 elsewhere.
+        up_amp = torch.autocast("cuda", dtype=torch.float16) if cuda and args.dtype != "fp32" else contextlib.nullcontext()
+        up_scaler = torch.amp.GradScaler("cuda", init_scale=2.0**11, growth_interval=1000) if cuda and args.dtype != "fp32" else None
+        theirs_s = measure("upstream", make_step(upstream, lambda m, x: m(labels, x), up_amp, up_scaler))
+        results["speedup"] = theirs_s / ours_s
+        if args.upstream_with_tokenizer:
+            # Upstream's trainer tokenizes every batch: encoder + residual quantizer, then the teacher-forcing input.
+            images = torch.rand(batch, 3, args.resolution, args.resolution, device=args.device) * 2 - 1
+            upstream_vae = build_upstream.last_vae
+
+            def tokenize():
+                with torch.no_grad():
+                    return upstream_vae.quantize.idxBl_to_var_input(upstream_vae.img_to_idxBl(images))
+
+            up_tok_s = measure("upstream_with_tokenizer", make_step(upstream, lambda m, x: m(labels, x), up_amp, up_scaler, prepare=tokenize))
+            results["speedup_vs_upstream_trainer"] = up_tok_s / ours_s
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     report = {"benchmark": "training", "depth": args.depth, "batch": batch, "dtype": args.dtype,
               "device": torch.cuda.get_device_name() if cuda else "cpu", "commit": commit,
-              "date": time.strftime("%Y-%m-%d"), "gradient_checkpointing": args.gradient_checkpointing, **results}
+              "date": time.strftime("%Y-%m-%d"), "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
+              "torch": torch.__version__, **results}
     print(json.dumps(report))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=1))
