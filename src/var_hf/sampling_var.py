@@ -34,13 +34,21 @@ def filter_top_k_top_p_(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0
 
 
 def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.LongTensor:
-    """One token per position from softmax(logits) (B, l, V) -> (B, l), by a single multinomial with replacement."""
+    """
+    One token per position from softmax(logits) (B, l, V) -> (B, l).
+
+    Exactly what `torch.multinomial(probs, 1, replacement=True, generator=generator)` (upstream's draw) computes and
+    how it consumes the generator: argmax(probs / q) with q ~ Exp(1) drawn by `exponential_` over probs' shape. Written
+    out because `multinomial` first checks the probabilities on the host, a device sync at every scale.
+    """
     batch, length, vocab = logits.shape
-    probs = logits.softmax(dim=-1).view(-1, vocab)
+    probs = logits.softmax(dim=-1).view(-1, vocab)  # (B·l, V)
     if generator is not None and generator.device.type != probs.device.type:
         # The generator's device decides where the draw happens (its stream is device specific).
-        return torch.multinomial(probs.to(generator.device), 1, replacement=True, generator=generator).view(batch, length).to(logits.device)
-    return torch.multinomial(probs, 1, replacement=True, generator=generator).view(batch, length)
+        exponential = torch.empty(probs.shape, dtype=probs.dtype, device=generator.device).exponential_(1, generator=generator).to(probs.device)
+    else:
+        exponential = torch.empty_like(probs).exponential_(1, generator=generator)
+    return probs.div_(exponential).argmax(dim=-1).view(batch, length)
 
 
 def gumbel_soft_embedding(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
                         help="pipeline variants timed one after the other on the same weights: eager, graphs (static "
                              "buffers + CUDA graphs), compiled (pipe.compile()); each adds to the previous")
-    parser.add_argument("--profile", default=None, help="write a profiler table of one call at the largest batch size here")
+    parser.add_argument("--profile", default=None, help="profile one call per batch size (last variant), tables written to PREFIX_b{batch}.txt")
     parser.add_argument("--output", default=None, help="JSON file to write")
     return parser.parse_args(argv)
 
@@ -103,16 +104,17 @@ VARIANTS = {
 }
 
 
-def profile_call(fn, path, device, rows=25):
-    """One profiled call: the kernels that took the most device time, as a table (written to `path`)."""
+def profile_call(fn, path, device, rows=30):
+    """One warmed-up, profiled call: what took the most device time (self time), as a table written to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
+    fn()  # warm-up: compilation, graph capture, cuDNN autotuning stay out of the profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
         fn()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-    sort_by = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    sort_by = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=70)
     Path(path).write_text(table)
     return table
@@ -187,11 +189,11 @@ def main(argv=None):
                           "max_image_diff": float((reference.images - out.images).abs().max())}
             print(json.dumps(checks_row), flush=True)
             results.append(checks_row)
-    if args.profile:
-        batch = max(args.batch_sizes)
-        labels = [(7 * i) % 1000 for i in range(batch)]
-        table = profile_call(lambda: ours_call(labels, 1), args.profile, args.device)
-        print("\n".join(table.splitlines()[:20]))
+    if args.profile:  # a prefix: PREFIX_b{batch}.txt for every batch size, with the last variant
+        for batch in args.batch_sizes:
+            labels = [(7 * i) % 1000 for i in range(batch)]
+            table = profile_call(lambda: ours_call(labels, 1), f"{args.profile}_b{batch}.txt", args.device)
+            print("\n".join(table.splitlines()[:14]))
 
     if upstream is not None and args.dtype == "fp32":
         # Reference mode: identical tokens from the same seed (upstream keeps the generator on its device).
@@ -201,7 +203,7 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
         results.append(row)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     report = {"benchmark": "sampling", "depth": args.depth, "resolution": args.resolution, "dtype": args.dtype,
               "device": device_name, "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d"),

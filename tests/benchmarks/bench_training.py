@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -123,8 +124,14 @@ def main(argv=None):
         if cuda:
             results[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         print(json.dumps({name: round(batch / seconds, 2)}), flush=True)
+        if args.output:  # after every measurement: a later one running out of time loses nothing
+            Path(args.output).write_text(json.dumps({**header, **results}, indent=1))
         return seconds
 
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    header = {"benchmark": "training", "depth": args.depth, "batch": batch, "dtype": args.dtype,
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "commit": commit, "date": time.strftime("%Y-%m-%d"),
+              "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile, "torch": torch.__version__}
     results = {}
     if args.compile:
         from var_hf.training_var import compile_transformer_blocks
@@ -148,11 +155,7 @@ def main(argv=None):
 
             up_tok_s = measure("upstream_with_tokenizer", make_step(upstream, lambda m, x: m(labels, x), up_amp, up_scaler, prepare=tokenize))
             results["speedup_vs_upstream_trainer"] = up_tok_s / ours_s
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    report = {"benchmark": "training", "depth": args.depth, "batch": batch, "dtype": args.dtype,
-              "device": torch.cuda.get_device_name() if cuda else "cpu", "commit": commit,
-              "date": time.strftime("%Y-%m-%d"), "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
-              "torch": torch.__version__, **results}
+    report = {**header, **results}
     print(json.dumps(report))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=1))

@@ -7,8 +7,8 @@ set -uo pipefail
 OUT=${OUT:-bench-out}; UPSTREAM=${UPSTREAM:-upstream}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 B=tests/benchmarks
-S=(); T=()  # overrides of the sampling / training arguments (argparse keeps the last occurrence)
-if [[ "${SMOKE:-0}" == 1 ]]; then S=(--depth 2 --batch-sizes 2 1 --device cpu --repeats 1); T=(--depth 2 --batch-size 2 --device cpu --steps 1); fi
+S=(); T=(); D=()  # overrides of the sampling / training arguments (argparse keeps the last occurrence)
+if [[ "${SMOKE:-0}" == 1 ]]; then S=(--depth 2 --batch-sizes 2 1 --device cpu --repeats 1); T=(--depth 2 --batch-size 2 --device cpu --steps 1); D=(--device cpu --trials 4); fi
 phase() {  # phase NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
   echo "=== $name (limit ${limit}s) $(date +%T)"
@@ -20,11 +20,14 @@ phase() {  # phase NAME SECONDS COMMAND...
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 python3 -c "import torch, transformers, diffusers, accelerate; print(torch.__version__, transformers.__version__, diffusers.__version__, accelerate.__version__)"
-phase sampling_d16 230 python3 $B/bench_sampling.py --depth 16 --batch-sizes 64 1 --dtype bf16 --upstream "$UPSTREAM" \
-  --variants eager graphs compiled --repeats 5 --warmup 2 --profile "$OUT/profile_d16_b64.txt" --output "$OUT/sampling_d16.json" "${S[@]}"
-phase training_d16 120 python3 $B/bench_training.py --depth 16 --batch-size 32 --dtype bf16 --upstream "$UPSTREAM" \
-  --upstream-with-tokenizer --compile --steps 8 --warmup 2 --output "$OUT/training_d16.json" "${T[@]}"
-phase sampling_d30 150 python3 $B/bench_sampling.py --depth 30 --batch-sizes 64 --dtype bf16 --upstream "$UPSTREAM" \
-  --variants eager compiled --repeats 3 --warmup 1 --output "$OUT/sampling_d30.json" "${S[@]}"
+phase draw_check 30 python3 $B/check_sampling_draw.py "${D[@]}"
+phase sampling_d16 150 python3 $B/bench_sampling.py --depth 16 --batch-sizes 64 1 --dtype bf16 --upstream "$UPSTREAM" \
+  --variants eager compiled --repeats 5 --warmup 2 --profile "$OUT/profile_d16" --output "$OUT/sampling_d16.json" "${S[@]}"
+phase training_d16 130 python3 $B/bench_training.py --depth 16 --batch-size 32 --dtype bf16 --upstream "$UPSTREAM" \
+  --upstream-with-tokenizer --compile --steps 6 --warmup 2 --output "$OUT/training_d16.json" "${T[@]}"
+phase sampling_d30 90 python3 $B/bench_sampling.py --depth 30 --batch-sizes 64 --dtype bf16 --upstream "$UPSTREAM" \
+  --variants compiled --repeats 3 --warmup 1 --output "$OUT/sampling_d30.json" "${S[@]}"
+if [[ "${MEMORY:-0}" == 1 ]]; then
 phase training_d30_memory 70 python3 $B/bench_training.py --depth 30 --batch-size 32 --dtype bf16 --gradient-checkpointing \
   --steps 2 --warmup 1 --output "$OUT/training_d30_memory.json" "${T[@]}"
+fi
