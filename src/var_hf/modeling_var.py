@@ -92,9 +92,7 @@ def var_kv_cached_attention(kv_cache: "VARKVCache", begin: int, query, key, valu
 def var_eager_attention(query, key, value, attention_mask, scale: float, dropout: float) -> torch.Tensor:
     """Reference attention: softmax(q·kᵀ·scale + mask)·v. Shapes (B, H, l, D) -> (B, H, l, D)."""
     weights = torch.matmul(query, key.transpose(-2, -1)) * scale  # (B, H, l, L)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        weights = weights.masked_fill(~attention_mask, -torch.inf)  # True: attend
-    elif attention_mask is not None:
+    if attention_mask is not None:
         weights = weights + attention_mask
     weights = F.dropout(weights.softmax(dim=-1), p=dropout, training=dropout > 0)
     return torch.matmul(weights, value)
@@ -131,7 +129,7 @@ class VARAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,  # (B, l, C)
-        attention_mask: torch.Tensor | None = None,  # (l, L): boolean (True attends) or additive; or None
+        attention_mask: torch.Tensor | None = None,  # additive (l, L) or None
         cache_position: int | None = None,  # first token index of `hidden_states` when decoding with the KV cache
     ) -> torch.Tensor:
         batch, length, hidden = hidden_states.shape
@@ -369,9 +367,7 @@ class VARTransformer(VARPreTrainedModel):
         hidden_states = torch.cat((start, tokens), dim=1) + self.scale_pos_embeds()  # (B, L, C)
 
         condition = self.adaln_condition(class_embeds)
-        # Boolean (True attends): SDPA's fused kernels take it whatever the autocast dtype of q/k/v, while an additive
-        # float mask of another dtype than q would send it to the slow unfused path. Same result either way.
-        attn_mask = self.attn_mask.eq(0)  # (L, L)
+        attn_mask = self.attn_mask.to(hidden_states.dtype)
         for layer in self.layers:
             hidden_states = layer(hidden_states, condition, attn_mask)
         logits = self.logits_from_hidden(hidden_states, class_embeds)  # (B, L, V)

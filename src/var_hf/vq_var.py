@@ -158,16 +158,19 @@ class VQEncoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def vq_conv_to_rgb(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+def vq_conv_to_rgb(conv: nn.Conv2d, h: torch.Tensor, pad_channels: bool | None = None) -> torch.Tensor:
     """
-    The decoder's last convolution (few output channels). On CUDA in half precision its output channels are padded
-    with zeros to a multiple of 8: cuDNN has no tensor-core kernel for 3 and falls back to one ~20× slower (26 ms for
-    64 images at 256 px on an H100). The real channels are computed from the same weights; float32 is unchanged.
+    The decoder's last convolution (few output channels). By default on CUDA in half precision its output channels are
+    padded with zeros to a multiple of 8: cuDNN has no tensor-core kernel for 3 and fell back to one that took 26 ms
+    for 64 images at 256 px on an H100 (a profile of 2026-11-27). The real channels come from the same weights.
     """
     pad = -conv.out_channels % 8
-    if not (h.is_cuda and h.dtype in (torch.float16, torch.bfloat16) and pad):
+    if pad_channels is None:
+        pad_channels = h.is_cuda and h.dtype in (torch.float16, torch.bfloat16)
+    if not (pad_channels and pad):
         return conv(h)
-    weight = F.pad(conv.weight, (0, 0, 0, 0, 0, 0, 0, pad)).contiguous(memory_format=h.suggest_memory_format())
+    layout = torch.channels_last if h.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    weight = F.pad(conv.weight, (0, 0, 0, 0, 0, 0, 0, pad)).contiguous(memory_format=layout)
     bias = F.pad(conv.bias, (0, pad)) if conv.bias is not None else None
     return F.conv2d(h, weight, bias, stride=conv.stride, padding=conv.padding)[:, : conv.out_channels]
 

@@ -2,6 +2,7 @@
 # Every GPU benchmark of issue 7 in one call, each phase under its own time limit, most important first.
 #   OUT=results/ UPSTREAM=upstream/ bash tests/benchmarks/gpu_suite.sh
 #   SMOKE=1 OUT=/tmp/suite bash tests/benchmarks/gpu_suite.sh     # tiny models on the CPU: checks the script itself
+# About 9 minutes on an H100 (compilation included); MEMORY=1 adds the d30 training-memory check (~1 minute).
 # Needs an upstream checkout (FoundationVision/VAR, never committed) at $UPSTREAM. Results: $OUT/*.json, logs, profile.
 set -uo pipefail
 OUT=${OUT:-bench-out}; UPSTREAM=${UPSTREAM:-upstream}; mkdir -p "$OUT"
@@ -21,11 +22,11 @@ phase() {  # phase NAME SECONDS COMMAND...
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 python3 -c "import torch, transformers, diffusers, accelerate; print(torch.__version__, transformers.__version__, diffusers.__version__, accelerate.__version__)"
 phase draw_check 30 python3 $B/check_sampling_draw.py "${D[@]}"
-phase sampling_d16 150 python3 $B/bench_sampling.py --depth 16 --batch-sizes 64 1 --dtype bf16 --upstream "$UPSTREAM" \
+phase sampling_d16 200 python3 $B/bench_sampling.py --depth 16 --batch-sizes 64 1 --dtype bf16 --upstream "$UPSTREAM" \
   --variants eager compiled --repeats 5 --warmup 2 --profile "$OUT/profile_d16" --output "$OUT/sampling_d16.json" "${S[@]}"
-phase training_d16 130 python3 $B/bench_training.py --depth 16 --batch-size 32 --dtype bf16 --upstream "$UPSTREAM" \
+phase training_d16 200 python3 $B/bench_training.py --depth 16 --batch-size 32 --dtype bf16 --upstream "$UPSTREAM" \
   --upstream-with-tokenizer --compile --steps 6 --warmup 2 --output "$OUT/training_d16.json" "${T[@]}"
-phase sampling_d30 90 python3 $B/bench_sampling.py --depth 30 --batch-sizes 64 --dtype bf16 --upstream "$UPSTREAM" \
+phase sampling_d30 150 python3 $B/bench_sampling.py --depth 30 --batch-sizes 64 --dtype bf16 --upstream "$UPSTREAM" \
   --variants compiled --repeats 3 --warmup 1 --output "$OUT/sampling_d30.json" "${S[@]}"
 if [[ "${MEMORY:-0}" == 1 ]]; then
 phase training_d30_memory 70 python3 $B/bench_training.py --depth 30 --batch-size 32 --dtype bf16 --gradient-checkpointing \
