@@ -168,8 +168,8 @@ class VARPipeline(DiffusionPipeline):
 
         Compiled kernels round differently from eager ones, so compiled float32 results are within float tolerance of
         the reference path, not bit-identical; `cuda_graphs` alone changes nothing. Use a generator on the pipeline's
-        device (`torch.Generator("cuda")`) for speed: a CPU generator moves every scale's probabilities to the CPU.
-        `compile_kwargs` go to `torch.compile` (e.g. `mode="max-autotune"`).
+        device (`torch.Generator("cuda")`) for speed: a CPU generator draws every scale's random numbers on the CPU.
+        `compile_kwargs` go to `torch.compile`. Returns the pipeline, so `.to("cuda").compile()` chains.
         """
         self._use_scale_graphs = cuda_graphs
         self._scale_graphs = None
@@ -424,8 +424,8 @@ class VARPipeline(DiffusionPipeline):
         if generator is not None and generator.device.type != device.type and not getattr(self, "_warned_generator_device", False):
             self._warned_generator_device = True
             logger.warning(
-                f"The generator is on {generator.device.type} and the pipeline on {device.type}: every scale's probabilities "
-                f"are copied to {generator.device.type} for the draw (reproducible across devices, but slow). For speed pass "
+                f"The generator is on {generator.device.type} and the pipeline on {device.type}: every scale's random numbers "
+                f"are drawn on {generator.device.type} and copied over (reproducible across devices, but slow). For speed pass "
                 f"torch.Generator('{device.type}').manual_seed(seed), as upstream's g_seed does."
             )
 
