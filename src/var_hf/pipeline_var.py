@@ -162,6 +162,8 @@ class VARPipeline(DiffusionPipeline):
         - `cuda_graphs`: the transformer step of every scale runs from preallocated buffers (static KV cache) and, on
           CUDA, as one captured CUDA graph per scale and batch size (captured on the first call with that batch size;
           a few seconds). Removes the kernel-launch overhead that dominates small batches. Same kernels, same results.
+          The buffers of the last batch size stay allocated between calls; `compile(cuda_graphs=False,
+          compile_transformer=False, compile_decoder=False)` releases them (and keeps what was compiled).
         - `compile_transformer`: `torch.compile` of every transformer block (fused normalisation, modulation and
           activations); one compilation with dynamic shapes serves all scales and batch sizes.
         - `compile_decoder`: `torch.compile` of the VQ decoder in channels-last layout (fused GroupNorm + SiLU).
