@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,9 @@ def train_var():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
 
 
 def reset_accelerate_state() -> None:
@@ -442,3 +446,18 @@ def test_two_cpu_processes_with_accelerate_launch(golden_pipe, image_dir, tmp_pa
     assert len(json.loads((tmp_path / "cache" / "cache_info.json").read_text())["shards"]) == 2  # each rank encoded its share
     pipe = VARPipeline.from_pretrained(out / "pipeline", dtype=torch.float32)
     assert pipe(class_labels=[1], generator=torch.Generator().manual_seed(0), output_type="np").images.shape == (1, 64, 64, 3)
+
+
+@needs_compiler
+def test_torch_compile_flag_trains_the_same_model(train_var, golden_pipe, image_dir, tmp_path):
+    """`--torch_compile` (compiled blocks): same losses and exported weights as the plain run, same file layout."""
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    train_var.main(base_args(golden_pipe, image_dir, plain, **{"--max_train_steps": "3"}))
+    reset_accelerate_state()
+    train_var.main(base_args(golden_pipe, image_dir, compiled, **{"--max_train_steps": "3", "--torch_compile": True}))
+    assert [m["loss"] for m in metrics(compiled)] == pytest.approx([m["loss"] for m in metrics(plain)], abs=1e-4)
+    assert pipeline_files(plain / "pipeline") == pipeline_files(compiled / "pipeline")
+    a = load_file(str(plain / "pipeline/transformer/model.safetensors"))
+    b = load_file(str(compiled / "pipeline/transformer/model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
