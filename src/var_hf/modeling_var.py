@@ -76,7 +76,7 @@ class VARKVCache(nn.Module):
 
 
 @torch.compiler.disable
-def var_kv_cached_attention(kv_cache: "VARKVCache", begin: int, query, key, value, scale: float, eager: bool) -> torch.Tensor:
+def var_kv_cached_attention(kv_cache: VARKVCache, begin: int, query, key, value, scale: float, eager: bool) -> torch.Tensor:
     """
     Sampling attention of one scale's queries (B, H, l, D) over the cached keys/values of all tokens so far.
 
