@@ -31,7 +31,6 @@ class VARScaleGraphs:
     def __init__(self, transformer: VARTransformer, batch_rows: int, dtype: torch.dtype, device: torch.device, use_cuda_graphs: bool = True):
         config = transformer.config
         self.transformer = transformer
-        self.batch_rows = batch_rows
         self.fingerprint = transformer_weights_fingerprint(transformer)
         self.key = (batch_rows, dtype, torch.device(device))
         transformer.setup_kv_cache(batch_rows, dtype=dtype, device=device)

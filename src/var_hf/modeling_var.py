@@ -75,6 +75,16 @@ class VARKVCache(nn.Module):
         return self.key_cache[:, :, :end], self.value_cache[:, :, :end]
 
 
+def var_allow_recompiles(minimum: int = 64) -> None:
+    """Raise dynamo's per-function recompile limit (default 8) to `minimum`: compiled VAR blocks get one entry per
+    scale shape, batch size or progressive-training stage, and past the limit dynamo silently falls back to eager."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), minimum))
+
+
 @torch.compiler.disable
 def var_kv_cached_attention(kv_cache: VARKVCache, begin: int, query, key, value, scale: float, eager: bool) -> torch.Tensor:
     """

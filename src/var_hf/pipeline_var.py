@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput, logging
 
-from .modeling_var import VARTransformer
+from .modeling_var import VARTransformer, var_allow_recompiles
 from .hub import UPLOAD_ALLOW_PATTERNS
 from .safety import check_folder_has_no_pickles
 from .sampling_var import apply_guidance, filter_top_k_top_p_, gumbel_soft_embedding, guidance_weight, sample_tokens
@@ -176,12 +176,7 @@ class VARPipeline(DiffusionPipeline):
         self._use_scale_graphs = cuda_graphs
         self._scale_graphs = None
         if compile_transformer or compile_decoder:
-            import torch._dynamo
-
-            # One entry per (scale shape, batch) would pass dynamo's default recompile limit of 8.
-            config = torch._dynamo.config
-            limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-            setattr(config, limit_name, max(getattr(config, limit_name), 64))
+            var_allow_recompiles()
         if compile_transformer:
             kwargs = {"dynamic": True, **compile_kwargs}
             for layer in self.transformer.layers:

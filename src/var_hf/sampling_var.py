@@ -43,12 +43,10 @@ def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None
     """
     batch, length, vocab = logits.shape
     probs = logits.softmax(dim=-1).view(-1, vocab)  # (B·l, V)
-    if generator is not None and generator.device.type != probs.device.type:
-        # The generator's device decides where the draw happens (its stream is device specific).
-        exponential = torch.empty(probs.shape, dtype=probs.dtype, device=generator.device).exponential_(1, generator=generator).to(probs.device)
-    else:
-        exponential = torch.empty_like(probs).exponential_(1, generator=generator)
-    return probs.div_(exponential).argmax(dim=-1).view(batch, length)
+    # The generator's device decides where the random numbers are drawn (its stream is device specific).
+    draw_device = generator.device if generator is not None else probs.device
+    exponential = torch.empty(probs.shape, dtype=probs.dtype, device=draw_device).exponential_(1, generator=generator)
+    return probs.div_(exponential.to(probs.device)).argmax(dim=-1).view(batch, length)
 
 
 def gumbel_soft_embedding(

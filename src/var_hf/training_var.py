@@ -574,11 +574,9 @@ def compile_transformer_blocks(transformer: nn.Module, **compile_kwargs) -> nn.M
     All blocks share one compiled graph (their code and shapes are the same), so compiling costs about one block's
     time; fuses the AdaLN modulation, normalisations and activations of forward and backward.
     """
-    import torch._dynamo
+    from .modeling_var import var_allow_recompiles
 
-    config = torch._dynamo.config
-    limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, limit_name, max(getattr(config, limit_name), 64))  # progressive training: one entry per stage
+    var_allow_recompiles()  # progressive training: one entry per stage
     for layer in transformer.layers:
         layer.compile(**compile_kwargs)
     return transformer

@@ -86,6 +86,11 @@ def build_ours(depth, patch_nums):
     return VARTransformer(config), vqvae
 
 
+def bench_commit():
+    """The commit measured: $BENCH_COMMIT (a device copy's .git can be stale), else the checkout's HEAD."""
+    return os.environ.get("BENCH_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
 def timed(fn, device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -203,7 +208,7 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
         results.append(row)
 
-    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = bench_commit()
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     report = {"benchmark": "sampling", "depth": args.depth, "resolution": args.resolution, "dtype": args.dtype,
               "device": device_name, "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d"),

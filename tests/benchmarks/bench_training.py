@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sampling import build_upstream, patch_nums_for  # noqa: E402
+from bench_sampling import bench_commit, build_upstream, patch_nums_for  # noqa: E402
 
 from var_hf import VARConfig, VARTransformer  # noqa: E402
 from var_hf.convert_var_original import convert_var_transformer  # noqa: E402
@@ -74,7 +72,7 @@ def main(argv=None):
     autocast = torch.autocast("cuda" if cuda else "cpu", dtype=DTYPES[args.dtype]) if args.dtype != "fp32" else contextlib.nullcontext()
     upstream = None
     if args.upstream:
-        build_upstream.last_vae, upstream = build_upstream(args.upstream, args.depth, patch_nums, args.device)
+        upstream_vae, upstream = build_upstream(args.upstream, args.depth, patch_nums, args.device)
         ours = convert_var_transformer({k: v.cpu() for k, v in upstream.state_dict().items()}, patch_nums=list(patch_nums))
         upstream.train()
     else:
@@ -128,9 +126,8 @@ def main(argv=None):
             Path(args.output).write_text(json.dumps({**header, **results}, indent=1))
         return seconds
 
-    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     header = {"benchmark": "training", "depth": args.depth, "batch": batch, "dtype": args.dtype,
-              "device": torch.cuda.get_device_name() if cuda else "cpu", "commit": commit, "date": time.strftime("%Y-%m-%d"),
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "commit": bench_commit(), "date": time.strftime("%Y-%m-%d"),
               "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile, "torch": torch.__version__}
     results = {}
     if args.compile:
@@ -147,8 +144,6 @@ def main(argv=None):
         if args.upstream_with_tokenizer:
             # Upstream's trainer tokenizes every batch: encoder + residual quantizer, then the teacher-forcing input.
             images = torch.rand(batch, 3, args.resolution, args.resolution, device=args.device) * 2 - 1
-            upstream_vae = build_upstream.last_vae
-
             def tokenize():
                 with torch.no_grad():
                     return upstream_vae.quantize.idxBl_to_var_input(upstream_vae.img_to_idxBl(images))
