@@ -1,8 +1,10 @@
-"""The fast paths: sync-free token draw, static-buffer/CUDA-graph scale steps, `pipe.compile()`, compiled training blocks.
+"""The fast paths: sync-free token draw, static-buffer/CUDA-graph scale steps, `pipe.compile()`, compiled training blocks,
+the compiled decoder's GroupNorm, float8 matmuls.
 
 Independent expectations: `torch.multinomial` (upstream's draw) for the token draw; the plain (eager) pipeline for the
 static-buffer runner, which must be bit-identical; a plain convolution for the padded RGB convolution; the eager
-model's loss and gradients for compiled training blocks.
+model's loss and gradients for compiled training blocks; `F.group_norm` in float64 for the channel-statistics
+GroupNorm; the dequantised float64 product for float8 linears.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from var_hf import DEFAULT_MODEL, VARConfig, VARPipeline, VARTransformer
+import var_hf.vq_var
+from var_hf import DEFAULT_MODEL, MultiScaleVQModel, VARConfig, VARPipeline, VARTransformer
+from var_hf.modeling_var import VARFloat8Linear
 from var_hf.sampling_var import filter_top_k_top_p_, sample_tokens
 from var_hf.training_var import compile_transformer_blocks
-from var_hf.vq_var import vq_conv_to_rgb
+from var_hf.vq_var import vq_conv_to_rgb, vq_group_norm_channels_last
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
 
@@ -133,3 +137,78 @@ def test_compiled_training_blocks_give_the_eager_loss_and_gradients():
     assert torch.allclose(losses[0], losses[1], atol=1e-5)
     for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled.parameters()):
         assert torch.allclose(p_eager.grad, p_compiled.grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_from_channel_statistics_is_group_norm(dtype):
+    torch.manual_seed(0)
+    # Channel offsets far above the spread: where E[x²] - E[x]² would lose the variance.
+    x = (torch.randn(3, 64, 9, 7) * 2 + torch.randn(1, 64, 1, 1) * 30).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(64), torch.randn(64)
+    x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    expected = F.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-6)
+    ours = vq_group_norm_channels_last(x, 32, weight, bias, 1e-6)
+    assert ours.dtype == dtype and ours.is_contiguous(memory_format=torch.channels_last)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16: rounding of the output (|y| < 5, 8 bits)
+    assert (ours.double() - expected).abs().max() < tolerance
+    if dtype == torch.float32:
+        assert (ours.double() - expected).abs().max() <= (F.group_norm(x, 32, weight, bias, 1e-6).double() - expected).abs().max()
+
+
+@needs_compiler
+def test_compiled_channels_last_decoder_uses_channel_statistics_and_matches_eager(monkeypatch):
+    vqvae = MultiScaleVQModel.from_pretrained(f"{DEFAULT_MODEL}/vqvae").eval()
+    latent = torch.randn(2, vqvae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = vqvae.decoder(latent)  # eager, channels-first: F.group_norm
+        calls = []
+        original = var_hf.vq_var.vq_group_norm_channels_last
+        monkeypatch.setattr(var_hf.vq_var, "vq_group_norm_channels_last", lambda *a: calls.append(1) or original(*a))
+        vqvae.decoder.to(memory_format=torch.channels_last)
+        assert torch.allclose(vqvae.decoder(latent), expected, atol=1e-5)  # eager channels-last: still F.group_norm
+        assert not calls
+        compiled = torch.compile(vqvae.decoder.forward)(latent)
+    assert calls  # traced through the channel-statistics GroupNorm
+    assert torch.allclose(compiled, expected, atol=1e-4)
+
+
+def test_float8_linear_is_the_rowwise_scaled_product():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    x = torch.randn(2, 5, 64) * torch.logspace(-2, 2, 5).view(1, 5, 1)  # rows of very different magnitudes
+    float8 = VARFloat8Linear(linear)
+    assert float8.weight is linear.weight and float8.weight_float8.dtype == torch.float8_e4m3fn
+
+    def dequantised(m):  # e4m3 rounding with one scale per row, as documented, in float64
+        scale = m.abs().amax(-1, keepdim=True).double() / 448
+        return (m.double() / scale).to(torch.float8_e4m3fn).double() * scale
+
+    expected = dequantised(x.reshape(-1, 64)) @ dequantised(linear.weight.detach()).T + linear.bias.double()
+    out = float8(x)
+    assert out.shape == (2, 5, 48) and out.dtype == torch.float32
+    # _scaled_mm returns bfloat16 (as on GPUs): equal within its rounding, 2^-8 of each row's largest value
+    error = (out.reshape(-1, 48).double() - expected).abs()
+    assert (error <= 2**-8 * expected.abs().amax(-1, keepdim=True) + 1e-6).all()
+    relative = (out - linear(x)).norm() / linear(x).norm()
+    assert 0 < relative < 0.1  # float8 is approximate
+
+
+def test_float8_matmuls_switch_on_and_off_without_touching_the_weights():
+    pipe = VARPipeline.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    names = list(pipe.transformer.state_dict())
+    plain = _sample(pipe, [1, 2], 0)
+
+    pipe.compile(cuda_graphs=True, compile_transformer=False, compile_decoder=False, float8=True)
+    layer = pipe.transformer.layers[0]
+    assert all(isinstance(m, VARFloat8Linear) for m in (layer.attn.qkv_proj, layer.attn.out_proj, layer.mlp.fc1, layer.mlp.fc2))
+    assert list(pipe.transformer.state_dict()) == names  # checkpoints unchanged: float8 copies are not saved
+    fast = _sample(pipe, [1, 2], 0)
+    drawn = torch.cat([s.flatten() for s in fast.scale_indices])
+    wanted = torch.cat([s.flatten() for s in plain.scale_indices])
+    assert not torch.equal(fast.images, plain.images)  # the float8 path ran
+    assert (drawn == wanted).float().mean() >= 0.5  # approximate, yet mostly the same draws on this model
+
+    pipe.compile(cuda_graphs=True, compile_transformer=False, compile_decoder=False, float8=False)
+    assert type(pipe.transformer.layers[0].mlp.fc1) is nn.Linear
+    _assert_same(_sample(pipe, [1, 2], 0), plain)  # back to the exact path (the runner was rebuilt)

@@ -132,3 +132,20 @@ def test_half_precision_logits_stay_close_to_float32(converted_pipelines, name, 
     assert logits.dtype == torch.float32
     relative = (logits - data["var.logits"]).norm() / data["var.logits"].norm()
     assert 0 < relative < HALF_PRECISION_RELATIVE_ERROR[dtype], float(relative)
+
+
+FLOAT8_RELATIVE_ERROR = 0.05  # documented in VARTransformer.set_float8_matmuls
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float8_matmul_logits_stay_close_to_float32(converted_pipelines, name, dtype):
+    from var_hf import VARTransformer
+
+    data = expected(name)
+    model = VARTransformer.from_pretrained(converted_pipelines[name] / "transformer", dtype=dtype).eval()
+    model.set_float8_matmuls(True)
+    with torch.no_grad():
+        logits = model(class_labels=data["input.labels"], teacher_input=data["var.teacher_input"]).logits
+    relative = (logits - data["var.logits"]).norm() / data["var.logits"].norm()
+    assert 0 < relative < FLOAT8_RELATIVE_ERROR, float(relative)

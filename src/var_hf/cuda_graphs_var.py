@@ -15,8 +15,11 @@ from .modeling_var import VARTransformer
 
 
 def transformer_weights_fingerprint(transformer: VARTransformer) -> tuple:
-    """Where every parameter lives: graphs captured on other storage (after `.to()`, reloading) must be rebuilt."""
-    return tuple((p.data_ptr(), p.dtype, p.device) for p in transformer.parameters())
+    """Where every parameter (and float8 weight copy) lives: graphs captured on other storage (after `.to()`, reloading,
+    switching float8 matmuls) must be rebuilt."""
+    weights = list(transformer.parameters())
+    weights += [buffer for name, buffer in transformer.named_buffers() if name.endswith("weight_float8")]
+    return tuple((w.data_ptr(), w.dtype, w.device) for w in weights)
 
 
 class VARScaleGraphs:

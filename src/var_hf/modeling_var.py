@@ -99,6 +99,45 @@ def var_kv_cached_attention(kv_cache: VARKVCache, begin: int, query, key, value,
     return F.scaled_dot_product_attention(query, key, value, scale=scale)
 
 
+FLOAT8_MAX = 448.0  # largest finite float8_e4m3fn value
+
+
+def var_float8_rowwise(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> (float8_e4m3fn (M, K), float32 scale (M, 1)) with matrix ≈ float8 · scale, one scale per row."""
+    scale = matrix.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / FLOAT8_MAX
+    return (matrix.float() / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn), scale
+
+
+class VARFloat8Linear(nn.Linear):
+    """
+    Inference `nn.Linear` computed in float8 (e4m3): per-row scales for the activations (per token) and the weight (per
+    output channel), one `torch._scaled_mm`, bias added in the compute dtype. Shares `weight` and `bias` with the linear
+    it replaces (same parameter names, same checkpoints); the float8 weight is a snapshot taken at construction.
+    Made by [`VARTransformer.set_float8_matmuls`].
+    """
+
+    def __init__(self, linear: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        weight_float8, weight_scale = var_float8_rowwise(linear.weight.detach())  # (N, K), (N, 1)
+        self.register_buffer("weight_float8", weight_float8, persistent=False)
+        self.register_buffer("weight_float8_scale", weight_scale.t().contiguous(), persistent=False)  # (1, N)
+
+    def forward(self, hidden_states: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.weight_float8.dtype != torch.float8_e4m3fn:
+            raise RuntimeError("the float8 weights were cast (model.to(dtype) after set_float8_matmuls): call set_float8_matmuls(True) again")
+        rows = hidden_states.reshape(-1, self.in_features)  # (M, K)
+        rows_float8, rows_scale = var_float8_rowwise(rows)
+        out = torch._scaled_mm(
+            rows_float8, self.weight_float8.t(), scale_a=rows_scale, scale_b=self.weight_float8_scale, out_dtype=torch.bfloat16
+        ).to(hidden_states.dtype)  # (M, N)
+        bias = self.bias if bias is None else bias
+        if bias is not None:
+            out = out + bias
+        return out.view(*hidden_states.shape[:-1], self.out_features)
+
+
 def var_eager_attention(query, key, value, attention_mask, scale: float, dropout: float) -> torch.Tensor:
     """Reference attention: softmax(q·kᵀ·scale + mask)·v. Shapes (B, H, l, D) -> (B, H, l, D)."""
     weights = torch.matmul(query, key.transpose(-2, -1)) * scale  # (B, H, l, L)
@@ -144,7 +183,10 @@ class VARAttention(nn.Module):
     ) -> torch.Tensor:
         batch, length, hidden = hidden_states.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(hidden_states, self.qkv_proj.weight, bias)  # (B, l, 3C)
+        if isinstance(self.qkv_proj, VARFloat8Linear):
+            qkv = self.qkv_proj(hidden_states, bias)  # (B, l, 3C)
+        else:
+            qkv = F.linear(hidden_states, self.qkv_proj.weight, bias)  # (B, l, 3C), upstream's op
         qkv = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, l, D)
         query, key, value = qkv.unbind(0)
         if self.attn_l2_norm:
@@ -390,6 +432,34 @@ class VARTransformer(VARPreTrainedModel):
         return VARTransformerOutput(loss=loss, logits=logits)
 
     # ------------------------------------------------------------------------------------------------------------ sampling
+    def set_float8_matmuls(self, enabled: bool = True) -> None:
+        """
+        Inference speed on GPUs with float8 tensor cores (compute capability >= 8.9: Ada, Hopper and newer): the four
+        matmuls of every block (qkv, attention output, MLP) in float8 e4m3 with per-row scales ([`VARFloat8Linear`]);
+        embeddings, AdaLN and the head stay in the model's dtype. Halves the block weights' memory traffic and doubles
+        their matmul throughput, at a cost in accuracy (teacher-forced logits within 5 % relative error of float32 on
+        the test checkpoints, against 2 % for bfloat16): a speed mode, not the reference. Parameters and checkpoints
+        are unchanged; the float8 weights are a snapshot, so call this again after changing the weights. `False` restores
+        the plain linears.
+        """
+        device = self.lm_head.weight.device
+        if enabled and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            raise ValueError(
+                f"float8 matmuls need a GPU of compute capability 8.9 or newer (Ada, Hopper); {torch.cuda.get_device_name(device)} "
+                f"has {torch.cuda.get_device_capability(device)}"
+            )
+        for layer in self.layers:
+            for parent, name in ((layer.attn, "qkv_proj"), (layer.attn, "out_proj"), (layer.mlp, "fc1"), (layer.mlp, "fc2")):
+                linear = getattr(parent, name)
+                if enabled:
+                    # float8 matmuls need both dimensions to be multiples of 16; other linears stay as they are.
+                    if linear.in_features % 16 == 0 and linear.out_features % 16 == 0:
+                        setattr(parent, name, VARFloat8Linear(linear))
+                elif isinstance(linear, VARFloat8Linear):
+                    plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+                    plain.weight, plain.bias = linear.weight, linear.bias
+                    setattr(parent, name, plain)
+
     def setup_kv_cache(self, batch_size: int | None, dtype: torch.dtype | None = None, device=None) -> None:
         """Preallocate a static KV cache for `batch_size` rows (the CFG-doubled batch); `None` removes it."""
         for layer in self.layers:
@@ -425,4 +495,4 @@ class VARTransformer(VARPreTrainedModel):
         return self.logits_from_hidden(hidden_states, class_embeds)
 
 
-__all__ = ["VARTransformer", "VARPreTrainedModel", "VARTransformerOutput", "VARBlock", "VARAttention"]
+__all__ = ["VARTransformer", "VARPreTrainedModel", "VARTransformerOutput", "VARBlock", "VARAttention", "VARFloat8Linear"]

@@ -19,7 +19,7 @@ from .modeling_var import VARTransformer, var_allow_recompiles
 from .hub import UPLOAD_ALLOW_PATTERNS
 from .safety import check_folder_has_no_pickles
 from .sampling_var import apply_guidance, filter_top_k_top_p_, gumbel_soft_embedding, guidance_weight, sample_tokens
-from .vq_var import MultiScaleVQModel
+from .vq_var import MultiScaleVQModel, compile_vq_decoder
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
 
@@ -154,6 +154,7 @@ class VARPipeline(DiffusionPipeline):
         cuda_graphs: bool = True,
         compile_transformer: bool = True,
         compile_decoder: bool = True,
+        float8: bool = False,
         **compile_kwargs,
     ) -> "VARPipeline":
         """
@@ -166,7 +167,11 @@ class VARPipeline(DiffusionPipeline):
           compile_transformer=False, compile_decoder=False)` releases them (and keeps what was compiled).
         - `compile_transformer`: `torch.compile` of every transformer block (fused normalisation, modulation and
           activations); one compilation with dynamic shapes serves all scales and batch sizes.
-        - `compile_decoder`: `torch.compile` of the VQ decoder in channels-last layout (fused GroupNorm + SiLU).
+        - `compile_decoder`: `torch.compile` of the VQ decoder in channels-last layout (GroupNorm from per-channel
+          statistics, fused with SiLU).
+        - `float8` (off by default): the transformer blocks' matmuls in float8 with per-row scales
+          ([`VARTransformer.set_float8_matmuls`]; GPUs of compute capability >= 8.9). Faster, approximate: a speed
+          mode beside bfloat16, not the reference. `compile(float8=False)` switches it off again.
 
         Compiled kernels round differently from eager ones, so compiled float32 results are within float tolerance of
         the reference path, not bit-identical; `cuda_graphs` alone changes nothing. Use a generator on the pipeline's
@@ -175,6 +180,7 @@ class VARPipeline(DiffusionPipeline):
         """
         self._use_scale_graphs = cuda_graphs
         self._scale_graphs = None
+        self.transformer.set_float8_matmuls(float8)
         if compile_transformer or compile_decoder:
             var_allow_recompiles()
         if compile_transformer:
@@ -184,11 +190,7 @@ class VARPipeline(DiffusionPipeline):
                     layer._eager_forward = layer.forward
                 layer.forward = torch.compile(layer._eager_forward, **kwargs)
         if compile_decoder:
-            decoder = self.vqvae.decoder
-            decoder.to(memory_format=torch.channels_last)
-            if not hasattr(decoder, "_eager_forward"):
-                decoder._eager_forward = decoder.forward
-            decoder.forward = torch.compile(decoder._eager_forward, **compile_kwargs)  # static, dynamic from a 2nd batch size
+            compile_vq_decoder(self.vqvae.decoder, **compile_kwargs)
         return self
 
     def _scale_step_runner(self, batch_rows: int, dtype: torch.dtype, device: torch.device):

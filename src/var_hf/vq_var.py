@@ -55,8 +55,43 @@ class MultiScaleVQDecoderOutput(BaseOutput):
 
 
 # --------------------------------------------------------------------------------------------------- encoder / decoder
-def vq_group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def vq_group_norm_channels_last(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """
+    `F.group_norm` of a channels-last (B, C, H, W) tensor, computed from per-channel statistics: mean and variance of
+    every channel over H·W (a reduction along the contiguous channel axis), combined per group by the law of total
+    variance, then one affine pass in float32. The same function as `F.group_norm`, written for `torch.compile`:
+    reducing each group directly reads its few channels with a stride of C (uncoalesced on GPUs).
+    """
+    batch, channels = x.shape[:2]
+    var_c, mean_c = torch.var_mean(x.float(), dim=(2, 3), correction=0)  # (B, C)
+    var_c, mean_c = var_c.view(batch, num_groups, -1), mean_c.view(batch, num_groups, -1)  # (B, G, C/G)
+    mean = mean_c.mean(dim=-1, keepdim=True)  # (B, G, 1)
+    var = var_c.mean(dim=-1, keepdim=True) + (mean_c - mean).square().mean(dim=-1, keepdim=True)
+    scale = torch.rsqrt(var + eps) * weight.float().view(1, num_groups, -1)  # (B, G, C/G)
+    shift = bias.float().view(1, num_groups, -1) - mean * scale
+    return (x.float() * scale.view(batch, channels, 1, 1) + shift.view(batch, channels, 1, 1)).to(x.dtype)
+
+
+class VQGroupNorm(nn.GroupNorm):
+    """
+    GroupNorm of the VQ encoder/decoder. Eager calls are `F.group_norm` (the reference). Under `torch.compile` with
+    channels-last input (the compiled decoder of `VARPipeline.compile`) it is [`vq_group_norm_channels_last`], which
+    inductor turns into one coalesced reduction and a pass fused with the following SiLU.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            torch.compiler.is_compiling()
+            and x.ndim == 4
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous()
+        ):
+            return vq_group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+def vq_group_norm(channels: int) -> VQGroupNorm:
+    return VQGroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 class VQResnetBlock(nn.Module):
@@ -212,6 +247,30 @@ class VQDecoder(nn.Module):
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
         return vq_conv_to_rgb(self.conv_out, F.silu(self.norm_out(h)))
+
+
+def compile_vq_decoder(decoder: VQDecoder, **compile_kwargs) -> VQDecoder:
+    """
+    The fast decoder of `VARPipeline.compile()`: weights in channels-last layout (cuDNN's tensor-core convolutions take
+    it without transposes), `torch.compile` of its forward (static shapes, dynamic from a second batch size), and
+    cuDNN's benchmark mode during its calls only (the fastest convolution algorithm of each shape, timed once; the
+    global setting is restored after every call). The eager forward is kept, so compiling again starts from it.
+    """
+    decoder.to(memory_format=torch.channels_last)
+    if not hasattr(decoder, "_eager_forward"):
+        decoder._eager_forward = decoder.forward
+    compiled_forward = torch.compile(decoder._eager_forward, **compile_kwargs)
+
+    def forward(z: torch.Tensor) -> torch.Tensor:
+        benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            return compiled_forward(z)
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
+
+    decoder.forward = forward
+    return decoder
 
 
 # --------------------------------------------------------------------------------------------------------- quantizer
@@ -433,4 +492,12 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
         return self.decode(self.encode(images).f_hat, return_dict=return_dict)
 
 
-__all__ = ["MultiScaleVQModel", "MultiScaleVQEncoderOutput", "MultiScaleVQDecoderOutput", "upstream_phi_index_per_scale"]
+__all__ = [
+    "MultiScaleVQModel",
+    "MultiScaleVQEncoderOutput",
+    "MultiScaleVQDecoderOutput",
+    "VQGroupNorm",
+    "compile_vq_decoder",
+    "upstream_phi_index_per_scale",
+    "vq_group_norm_channels_last",
+]

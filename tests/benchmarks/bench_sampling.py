@@ -4,8 +4,8 @@
     python tests/benchmarks/bench_sampling.py --depth 16 --batch-sizes 1 64 --dtype bf16 --upstream upstream/
     python tests/benchmarks/bench_sampling.py --depth 2 --batch-sizes 1 --device cpu --dtype fp32   # smoke test
 
-`--variants eager graphs compiled` times the plain pipeline, then static buffers + per-scale CUDA graphs, then the full
-`pipe.compile()`, each on the same weights, reporting the first call (compilation, capture) apart; the variants' tokens
+`--variants eager graphs compiled float8` times the plain pipeline, then static buffers + per-scale CUDA graphs, then
+the full `pipe.compile()`, then `pipe.compile(float8=True)`, each on the same weights, reporting the first call (compilation, capture) apart; the variants' tokens
 for one seed are compared with the plain pipeline's.
 
 With `--upstream PATH` (a checkout of FoundationVision/VAR, never committed) the upstream model is built with its
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="shorthand for --variants compiled")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
                         help="pipeline variants timed one after the other on the same weights: eager, graphs (static "
-                             "buffers + CUDA graphs), compiled (pipe.compile()); each adds to the previous")
+                             "buffers + CUDA graphs), compiled (pipe.compile()), float8 (pipe.compile(float8=True))")
     parser.add_argument("--profile", default=None, help="profile one call per batch size (last variant), tables written to PREFIX_b{batch}.txt")
     parser.add_argument("--output", default=None, help="JSON file to write")
     return parser.parse_args(argv)
@@ -106,6 +106,7 @@ VARIANTS = {
     "eager": None,
     "graphs": dict(compile_transformer=False, compile_decoder=False),  # static buffers + per-scale CUDA graphs
     "compiled": dict(),  # + torch.compile of the blocks and the decoder: what `pipe.compile()` does
+    "float8": dict(float8=True),  # + float8 block matmuls: `pipe.compile(float8=True)` (approximate speed mode)
 }
 
 
