@@ -41,6 +41,7 @@ class VARScaleGraphs:
         hidden = config.hidden_size
         self.class_embeds = torch.zeros(batch_rows, hidden, dtype=dtype, device=device)  # (2B, C)
         self.condition = torch.zeros_like(transformer.adaln_condition(self.class_embeds))  # (2B, C) or (2B, 1, 6, C)
+        self.modulations = [torch.zeros_like(m) for m in transformer.block_modulations(self.condition)]  # (2B, 1, 6, C) each
         self.scale_inputs = [torch.zeros(batch_rows, pn * pn, hidden, dtype=dtype, device=device) for pn in config.patch_nums]
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
         self.scale_logits: list[torch.Tensor] | None = None
@@ -60,7 +61,9 @@ class VARScaleGraphs:
             layer.attn.kv_cache = cache
 
     def _forward(self, scale_index: int) -> torch.Tensor:
-        return self.transformer.forward_scale(scale_index, self.scale_inputs[scale_index], self.condition, self.class_embeds)
+        return self.transformer.forward_scale(
+            scale_index, self.scale_inputs[scale_index], self.condition, self.class_embeds, self.modulations
+        )
 
     @torch.no_grad()
     def _capture(self) -> None:
@@ -88,6 +91,8 @@ class VARScaleGraphs:
     def set_condition(self, class_embeds: torch.Tensor, condition: torch.Tensor) -> None:
         self.class_embeds.copy_(class_embeds)
         self.condition.copy_(condition)
+        for buffer, modulation in zip(self.modulations, self.transformer.block_modulations(condition)):
+            buffer.copy_(modulation)
 
     def step(self, scale_index: int, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits (2B, pn², V) of scale `scale_index` for its input embeddings (2B, pn², C)."""

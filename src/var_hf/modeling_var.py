@@ -242,13 +242,12 @@ class VARBlock(GradientCheckpointingLayer):
         rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers)
         self.drop_path_rate = float(rates[layer_idx])
 
-    def modulation(self, condition: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """`condition` is the class embedding (B, C), or the shared AdaLN output (B, 1, 6, C)."""
+    def modulation(self, condition: torch.Tensor) -> torch.Tensor:
+        """The six AdaLN vectors (B, 1, 6, C) from the class embedding (B, C), or from the shared AdaLN output
+        (B, 1, 6, C). They depend on the class only, so sampling computes them once for all scales."""
         if self.config.shared_adaln:
-            mod = self.adaln_table + condition  # (B, 1, 6, C)
-        else:
-            mod = self.adaln_modulation(F.silu(condition)).view(-1, 1, 6, self.hidden_size)  # (B, 1, 6, C)
-        return mod.unbind(2)  # 6 × (B, 1, C)
+            return self.adaln_table + condition  # (B, 1, 6, C)
+        return self.adaln_modulation(F.silu(condition)).view(-1, 1, 6, self.hidden_size)  # (B, 1, 6, C)
 
     def forward(
         self,
@@ -256,8 +255,11 @@ class VARBlock(GradientCheckpointingLayer):
         condition: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache_position: int | None = None,
+        modulation: torch.Tensor | None = None,  # this block's `modulation(condition)` (B, 1, 6, C), if computed already
     ) -> torch.Tensor:
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(condition)
+        if modulation is None:
+            modulation = self.modulation(condition)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.unbind(2)  # 6 × (B, 1, C)
         eps = self.config.layer_norm_eps
         normed = F.layer_norm(hidden_states, (self.hidden_size,), eps=eps).mul(scale1.add(1)).add_(shift1)
         attn = self.attn(normed, attention_mask=attention_mask, cache_position=cache_position).mul_(gamma1)
@@ -485,13 +487,24 @@ class VARTransformer(VARPreTrainedModel):
         tokens = self.input_proj(latent_tokens.to(self.input_proj.weight.dtype))
         return tokens + self.scale_pos_embeds(begin, end)
 
+    def block_modulations(self, condition: torch.Tensor) -> list[torch.Tensor]:
+        """Every block's AdaLN vectors for `condition` (see [`VARBlock.modulation`]), each (B, 1, 6, C): computed once per
+        sampling run instead of once per scale (at batch 1 they are a third of the blocks' weights)."""
+        return [layer.modulation(condition) for layer in self.layers]
+
     def forward_scale(
-        self, scale_index: int, hidden_states: torch.Tensor, condition: torch.Tensor, class_embeds: torch.Tensor
+        self,
+        scale_index: int,
+        hidden_states: torch.Tensor,  # (B, pn², C)
+        condition: torch.Tensor,
+        class_embeds: torch.Tensor,
+        modulations: list[torch.Tensor] | None = None,  # `block_modulations(condition)`, if computed already
     ) -> torch.Tensor:
         """Run all blocks on one scale's tokens (B, pn², C) with the KV cache; returns float32 logits (B, pn², V)."""
         begin, _ = self.config.scale_ranges[scale_index]
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, condition, None, begin)
+        modulations = modulations if modulations is not None else [None] * len(self.layers)
+        for layer, modulation in zip(self.layers, modulations):
+            hidden_states = layer(hidden_states, condition, None, begin, modulation)
         return self.logits_from_hidden(hidden_states, class_embeds)
 
 

@@ -461,6 +461,7 @@ class VARPipeline(DiffusionPipeline):
         runner = self._scale_step_runner(2 * batch, hidden_states.dtype, device)
         if runner is None:
             transformer.setup_kv_cache(2 * batch, dtype=hidden_states.dtype, device=device)
+            modulations = transformer.block_modulations(condition)  # AdaLN of every block, once for all scales
         else:
             runner.attach()
             runner.set_condition(class_embeds, condition)
@@ -471,7 +472,7 @@ class VARPipeline(DiffusionPipeline):
                         break
                     ratio = si / (num_scales - 1)
                     if runner is None:
-                        logits = transformer.forward_scale(si, hidden_states, condition, class_embeds)  # (2B, pn², V)
+                        logits = transformer.forward_scale(si, hidden_states, condition, class_embeds, modulations)  # (2B, pn², V)
                     else:
                         logits = runner.step(si, hidden_states)  # same, from static buffers / a CUDA graph
                     logits = apply_guidance(logits, guidance_weight(self._guidance_scale, si, num_scales))  # (B, pn², V)
