@@ -450,6 +450,11 @@ class VARTransformer(VARPreTrainedModel):
                 f"float8 matmuls need a GPU of compute capability 8.9 or newer (Ada, Hopper); {torch.cuda.get_device_name(device)} "
                 f"has {torch.cuda.get_device_capability(device)}"
             )
+        if enabled:  # a 16 x 16 probe: an unsupported device or build fails here, with nothing changed yet
+            try:
+                VARFloat8Linear(nn.Linear(16, 16, device=device, dtype=self.lm_head.weight.dtype))(torch.ones(1, 16, device=device))
+            except RuntimeError as error:
+                raise ValueError(f"float8 matmuls (torch._scaled_mm) are not available on {device}: {error}") from error
         for layer in self.layers:
             for parent, name in ((layer.attn, "qkv_proj"), (layer.attn, "out_proj"), (layer.mlp, "fc1"), (layer.mlp, "fc2")):
                 linear = getattr(parent, name)
