@@ -92,6 +92,32 @@ def test_sampling_runs(golden_pipelines, name, run_index):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_static_buffer_sampler_reproduces_upstream(converted_pipelines, name):
+    """`pipe.compile()`'s exact part (static KV cache and input buffers, AdaLN once per run) on both AdaLN variants."""
+    from var_hf import VARPipeline
+
+    pipe, data, config = VARPipeline.from_pretrained(converted_pipelines[name], dtype=torch.float32), expected(name), golden_config(name)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.compile(cuda_graphs=True, compile_transformer=False, compile_decoder=False)
+    for run in config["sampling_runs"]:
+        out = pipe(
+            class_labels=data["input.labels"].tolist(),
+            guidance_scale=run["cfg"],
+            top_k=run["top_k"],
+            top_p=run["top_p"],
+            more_smooth=run["more_smooth"],
+            generator=torch.Generator().manual_seed(run["g_seed"]),
+            output_type="pt",
+        )
+        tag = run["tag"]
+        if f"sample.{tag}.idx.0" in data:
+            for k, theirs in enumerate(expected_tokens(data, f"sample.{tag}", len(config["patch_nums"]))):
+                assert torch.equal(out.scale_indices[k], theirs), f"{tag}: scale {k} tokens differ"
+        torch.testing.assert_close(out.images, data[f"sample.{tag}.image"], atol=1e-4, rtol=0)
+    assert pipe._scale_graphs is not None  # the runner did the work
+
+
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("run_index", [0, 1, 2])
 def test_edit_runs(golden_pipelines, name, run_index):
     pipe, data, config = golden_pipelines[name], expected(name), golden_config(name)

@@ -438,11 +438,11 @@ class VARTransformer(VARPreTrainedModel):
         """
         Inference speed on GPUs with float8 tensor cores (compute capability >= 8.9: Ada, Hopper and newer): the four
         matmuls of every block (qkv, attention output, MLP) in float8 e4m3 with per-row scales ([`VARFloat8Linear`]);
-        embeddings, AdaLN and the head stay in the model's dtype. Halves the block weights' memory traffic and doubles
-        their matmul throughput, at a cost in accuracy (teacher-forced logits within 5 % relative error of float32 on
+        embeddings, AdaLN and the head stay in the model's dtype. Half the block weights' bytes, and tensor cores with
+        twice their bfloat16 peak, at a cost in accuracy (teacher-forced logits within 5 % relative error of float32 on
         the test checkpoints, against 2 % for bfloat16): a speed mode, not the reference. Parameters and checkpoints
         are unchanged; the float8 weights are a snapshot, so call this again after changing the weights. `False` restores
-        the plain linears.
+        the plain linears. Inference only (`torch._scaled_mm` has no backward).
         """
         device = self.lm_head.weight.device
         if enabled and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
