@@ -44,7 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every block (as train_var.py --torch_compile)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile every block (as train_var.py --torch_compile); default: on for CUDA")
     parser.add_argument("--upstream-with-tokenizer", action="store_true",
                         help="also time upstream's trainer step as it runs: VQ-encoding the images every step")
     parser.add_argument("--output", default=None)
@@ -126,6 +127,8 @@ def main(argv=None):
             Path(args.output).write_text(json.dumps({**header, **results}, indent=1))
         return seconds
 
+    if args.compile is None:
+        args.compile = cuda  # the fast recipe (train_var.py --torch_compile) on GPUs
     header = {"benchmark": "training", "depth": args.depth, "batch": batch, "dtype": args.dtype,
               "device": torch.cuda.get_device_name() if cuda else "cpu", "commit": bench_commit(), "date": time.strftime("%Y-%m-%d"),
               "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile, "torch": torch.__version__}
