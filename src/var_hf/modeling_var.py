@@ -130,7 +130,12 @@ class VARFloat8Linear(nn.Linear):
         rows = hidden_states.reshape(-1, self.in_features)  # (M, K)
         rows_float8, rows_scale = var_float8_rowwise(rows)
         out = torch._scaled_mm(
-            rows_float8, self.weight_float8.t(), scale_a=rows_scale, scale_b=self.weight_float8_scale, out_dtype=torch.bfloat16
+            rows_float8,
+            self.weight_float8.t(),
+            scale_a=rows_scale,
+            scale_b=self.weight_float8_scale,
+            out_dtype=torch.bfloat16,
+            use_fast_accum=True,  # Hopper's fast float8 accumulation, as inference recipes use (torchao's forward)
         ).to(hidden_states.dtype)  # (M, N)
         bias = self.bias if bias is None else bias
         if bias is not None:
