@@ -184,11 +184,8 @@ class VARPipeline(DiffusionPipeline):
         if compile_transformer or compile_decoder:
             var_allow_recompiles()
         if compile_transformer:
-            kwargs = {"dynamic": True, **compile_kwargs}
             for layer in self.transformer.layers:
-                if not hasattr(layer, "_eager_forward"):
-                    layer._eager_forward = layer.forward
-                layer.forward = torch.compile(layer._eager_forward, **kwargs)
+                layer.compile(**{"dynamic": True, **compile_kwargs})  # nn.Module.compile: names and checkpoints unchanged
         if compile_decoder:
             compile_vq_decoder(self.vqvae.decoder, **compile_kwargs)
         return self
