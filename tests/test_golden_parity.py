@@ -68,11 +68,8 @@ def test_kv_cached_sampling_loop_matches_teacher_forcing(golden_pipelines, name)
     torch.testing.assert_close(f_hat, data["vae.fhat_last"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("run_index", [0, 1, 2])
-def test_sampling_runs(golden_pipelines, name, run_index):
-    pipe, data, config = golden_pipelines[name], expected(name), golden_config(name)
-    run = config["sampling_runs"][run_index]
+def sample_and_compare(pipe, data, config, run):
+    """One of upstream's recorded sampling runs: same arguments and seed, its tokens and images expected."""
     out = pipe(
         class_labels=data["input.labels"].tolist(),
         guidance_scale=run["cfg"],
@@ -83,12 +80,21 @@ def test_sampling_runs(golden_pipelines, name, run_index):
         output_type="pt",
     )
     tag = run["tag"]
-    assert out.images.shape == data[f"sample.{tag}.image"].shape
-    assert float(out.images.min()) >= 0 and float(out.images.max()) <= 1
     if f"sample.{tag}.idx.0" in data:
         for k, theirs in enumerate(expected_tokens(data, f"sample.{tag}", len(config["patch_nums"]))):
             assert torch.equal(out.scale_indices[k], theirs), f"{tag}: scale {k} tokens differ"
     torch.testing.assert_close(out.images, data[f"sample.{tag}.image"], atol=1e-4, rtol=0)
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("run_index", [0, 1, 2])
+def test_sampling_runs(golden_pipelines, name, run_index):
+    pipe, data, config = golden_pipelines[name], expected(name), golden_config(name)
+    run = config["sampling_runs"][run_index]
+    out = sample_and_compare(pipe, data, config, run)
+    assert out.images.shape == data[f"sample.{run['tag']}.image"].shape
+    assert float(out.images.min()) >= 0 and float(out.images.max()) <= 1
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -100,20 +106,7 @@ def test_static_buffer_sampler_reproduces_upstream(converted_pipelines, name):
     pipe.set_progress_bar_config(disable=True)
     pipe.compile(cuda_graphs=True, compile_transformer=False, compile_decoder=False)
     for run in config["sampling_runs"]:
-        out = pipe(
-            class_labels=data["input.labels"].tolist(),
-            guidance_scale=run["cfg"],
-            top_k=run["top_k"],
-            top_p=run["top_p"],
-            more_smooth=run["more_smooth"],
-            generator=torch.Generator().manual_seed(run["g_seed"]),
-            output_type="pt",
-        )
-        tag = run["tag"]
-        if f"sample.{tag}.idx.0" in data:
-            for k, theirs in enumerate(expected_tokens(data, f"sample.{tag}", len(config["patch_nums"]))):
-                assert torch.equal(out.scale_indices[k], theirs), f"{tag}: scale {k} tokens differ"
-        torch.testing.assert_close(out.images, data[f"sample.{tag}.image"], atol=1e-4, rtol=0)
+        sample_and_compare(pipe, data, config, run)
     assert pipe._scale_graphs is not None  # the runner did the work
 
 
