@@ -65,10 +65,15 @@ def test_static_scale_runner_is_bit_identical_to_eager():
     mask = torch.zeros(8, 8)
     mask[:, :4] = 1
     eager_edit = _sample(pipe, [7], 3, image=image, edit_mask=mask)
+    settings = [dict(guidance_scale=0.0, top_k=0, top_p=0.0), dict(guidance_scale=4.0, top_k=3, top_p=0.5)]
+    eager_settings = [_sample(pipe, [1, 8], 4, **kwargs) for kwargs in settings]
 
     pipe.compile(cuda_graphs=True, compile_transformer=False, compile_decoder=False)
     for (labels, seed), expected in list(eager.items()) * 2:  # batch sizes alternate: the runner is rebuilt
         _assert_same(_sample(pipe, list(labels), seed), expected)
+    assert pipe._scale_graphs.run_settings is not None  # plain runs went through the whole-run sampler
+    for kwargs, expected in list(zip(settings, eager_settings)) * 2:  # new sampling settings: new whole-run buffers
+        _assert_same(_sample(pipe, [1, 8], 4, **kwargs), expected)
     _assert_same(_sample(pipe, [5, 6], 2, more_smooth=True), eager_smooth)
     _assert_same(_sample(pipe, [7], 3, image=image, edit_mask=mask), eager_edit)
     assert all(layer.attn.kv_cache is None for layer in pipe.transformer.layers)  # caches detached after sampling
@@ -80,6 +85,84 @@ def test_static_scale_runner_is_bit_identical_to_eager():
     head.weight = nn.Parameter(head.weight.detach().clone())  # new storage: captured buffers would be stale
     _assert_same(_sample(pipe, [4], 1), eager[((4,), 1)])
     assert pipe._scale_graphs is not runner
+
+
+class ReplayingGraph:
+    """Stands in for a CUDA graph on the CPU: `replay()` reruns the captured function and writes its results into the
+    outputs of the capture, as a real graph rewrites its static output buffers."""
+
+    def __init__(self, function):
+        self.function, self.outputs = function, function()
+
+    def pool(self):
+        return id(self)
+
+    def replay(self):
+        for static, new in zip(torch.utils._pytree.tree_leaves(self.outputs), torch.utils._pytree.tree_leaves(self.function())):
+            static.copy_(new)
+
+
+def test_cuda_graph_branches_with_a_stand_in_graph(monkeypatch):
+    """
+    The branches that only run on CUDA — capture once per batch size and settings, copy inputs into static buffers,
+    replay, read (and copy out of) static outputs, per-step graphs for editing — run here with `ReplayingGraph`: stale
+    inputs, missing copies or outputs overwritten by the next call change the samples, which must stay the plain loop's.
+    """
+    from var_hf.cuda_graphs_var import VARScaleGraphs
+
+    captures = []
+
+    def capture(function, pool=None):
+        captures.append(ReplayingGraph(function))
+        return captures[-1], captures[-1].outputs
+
+    original_init = VARScaleGraphs.__init__
+
+    def init_with_graphs(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.use_cuda_graphs = True
+
+    pipe = VARPipeline.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    mask = torch.ones(8, 8)
+    mask[2:6, 2:6] = 0
+    plain = [_sample(pipe, [3, 5], seed) for seed in (0, 1)]
+    edits = [_sample(pipe, [4], seed, image=plain[0].images[:1], edit_mask=mask) for seed in (2, 3)]
+    other_settings = _sample(pipe, [3, 5], 1, guidance_scale=3.0, top_k=5)
+
+    monkeypatch.setattr(VARScaleGraphs, "_capture", staticmethod(capture))
+    monkeypatch.setattr(VARScaleGraphs, "__init__", init_with_graphs)
+    pipe.compile(cuda_graphs=True, compile_transformer=False, compile_decoder=False)
+    first = _sample(pipe, [3, 5], 0)
+    _assert_same(_sample(pipe, [3, 5], 1), plain[1])  # a replay with new random numbers
+    _assert_same(first, plain[0])  # the first call's tokens were copied out, not left in the static buffers
+    assert len(captures) == 1  # the whole run, captured once
+    _assert_same(_sample(pipe, [3, 5], 1, guidance_scale=3.0, top_k=5), other_settings)
+    assert len(captures) == 2  # new settings: a new capture
+    for seed, expected in zip((2, 3), edits):
+        _assert_same(_sample(pipe, [4], seed, image=plain[0].images[:1], edit_mask=mask), expected)
+    assert len(captures) == 2 + len(pipe.transformer.config.patch_nums)  # editing: one graph per step, captured once
+
+
+def test_whole_sampling_run_reads_nothing_on_the_host():
+    """
+    What a CUDA graph capture of the whole run needs, checked without a GPU: on the meta device (shapes, no data) every
+    operation of the run must work, so none reads a value back to the host (`.item()`, `bool(tensor)`, data-dependent
+    shapes such as `nonzero` raise there) or mixes in tensors from another device.
+    """
+    from var_hf.cuda_graphs_var import VARScaleGraphs
+
+    pipe = VARPipeline.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
+    transformer, vqvae = pipe.transformer.to("meta"), pipe.vqvae.to("meta")
+    runner = VARScaleGraphs(transformer, 4, torch.float32, torch.device("meta"))
+    runner.attach()
+    class_embeds = transformer.class_embed(torch.tensor([1, 2, 10, 10], device="meta"))  # 2 images + CFG rows
+    runner.set_condition(class_embeds, transformer.adaln_condition(class_embeds))
+    scale_indices, f_hat = runner.sample(vqvae, 1.5, 900, 0.96)
+    patch_nums = transformer.config.patch_nums
+    assert [tuple(tokens.shape) for tokens in scale_indices] == [(2, pn * pn) for pn in patch_nums]
+    assert f_hat.shape == (2, transformer.config.latent_channels, patch_nums[-1], patch_nums[-1])
+    assert f_hat.device.type == "meta"
 
 
 @needs_compiler

@@ -18,7 +18,7 @@ from diffusers.utils import BaseOutput, logging
 from .modeling_var import VARTransformer, var_allow_recompiles
 from .hub import UPLOAD_ALLOW_PATTERNS
 from .safety import check_folder_has_no_pickles
-from .sampling_var import apply_guidance, filter_top_k_top_p_, gumbel_soft_embedding, guidance_weight, sample_tokens
+from .sampling_var import gumbel_soft_embedding, guided_filtered_logits, sample_tokens
 from .vq_var import MultiScaleVQModel, compile_vq_decoder
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
@@ -160,11 +160,15 @@ class VARPipeline(DiffusionPipeline):
         """
         Opt-in speed, one call: `pipe = VARPipeline.from_pretrained(path, dtype=torch.bfloat16).to("cuda").compile()`.
 
-        - `cuda_graphs`: the transformer step of every scale runs from preallocated buffers (static KV cache) and, on
-          CUDA, as one captured CUDA graph per scale and batch size (captured on the first call with that batch size;
-          a few seconds). Removes the kernel-launch overhead that dominates small batches. Same kernels, same results.
-          The buffers of the last batch size stay allocated between calls; `compile(cuda_graphs=False,
-          compile_transformer=False, compile_decoder=False)` releases them (and keeps what was compiled).
+        - `cuda_graphs`: sampling runs from preallocated buffers (static KV cache) and, on CUDA, a whole sampling run —
+          every scale's transformer step, guidance, top-k/top-p, token draw and latent update — is one captured CUDA
+          graph per batch size and sampling settings (captured on the first call with them; a few seconds). The run's
+          random numbers are drawn before the replay, scale by scale as the plain loop draws them, so the tokens are
+          the plain loop's. Runs that need the host between scales (editing, `more_smooth`, `callback_on_step_end`)
+          replay one graph per transformer step instead. Removes the kernel-launch and host overhead that dominates
+          small batches. Same kernels, same results; the run's buffers (with the random numbers of every scale,
+          B · L · V floats) stay allocated between calls; `compile(cuda_graphs=False, compile_transformer=False,
+          compile_decoder=False)` releases them (and keeps what was compiled).
         - `compile_transformer`: `torch.compile` of every transformer block (fused normalisation, modulation and
           activations); one compilation with dynamic shapes serves all scales and batch sizes.
         - `compile_decoder`: `torch.compile` of the VQ decoder in channels-last layout (GroupNorm from per-channel
@@ -456,6 +460,8 @@ class VARPipeline(DiffusionPipeline):
 
         # 3. Scale loop: predict each token map from all coarser ones (static KV cache)
         runner = self._scale_step_runner(2 * batch, hidden_states.dtype, device)
+        # With the runner, a run that needs no host work between scales is one call (one CUDA graph on CUDA).
+        whole_run = runner is not None and not editing and not more_smooth and callback_on_step_end is None
         if runner is None:
             transformer.setup_kv_cache(2 * batch, dtype=hidden_states.dtype, device=device)
             modulations = transformer.block_modulations(condition)  # AdaLN of every block, once for all scales
@@ -464,37 +470,40 @@ class VARPipeline(DiffusionPipeline):
             runner.set_condition(class_embeds, condition)
         try:
             with self.progress_bar(total=num_scales) as progress_bar:
-                for si, pn in enumerate(config.patch_nums):
-                    if self.interrupt:
-                        break
-                    ratio = si / (num_scales - 1)
-                    if runner is None:
-                        logits = transformer.forward_scale(si, hidden_states, condition, class_embeds, modulations)  # (2B, pn², V)
-                    else:
-                        logits = runner.step(si, hidden_states)  # same, from static buffers / a CUDA graph
-                    logits = apply_guidance(logits, guidance_weight(self._guidance_scale, si, num_scales))  # (B, pn², V)
-                    filter_top_k_top_p_(logits, top_k=top_k, top_p=top_p)
-                    tokens = sample_tokens(logits, generator)  # (B, pn²)
-                    scale_indices.append(tokens)
-                    if more_smooth:
-                        h = gumbel_soft_embedding(logits, ratio, codebook, generator)  # (B, pn², Cvae)
-                    else:
-                        h = vqvae.quantizer.embedding(tokens)  # (B, pn², Cvae)
-                    h = h.transpose(1, 2).reshape(batch, config.latent_channels, pn, pn)
-                    if editing:
-                        keep = self._mask_at_scale(keep_mask, pn)
-                        h = vqvae.quantizer.lookup(edit_tokens[si], pn) * keep + h * (1 - keep)
-                    f_hat = vqvae.accumulate_scale(si, f_hat, h)
-                    if si < num_scales - 1:
-                        next_input = vqvae.next_scale_input(si + 1, f_hat)  # (B, pn_next², Cvae)
-                        hidden_states = transformer.next_scale_embeds(si + 1, next_input).repeat(2, 1, 1)
+                if whole_run:
+                    scale_indices, f_hat = runner.sample(vqvae, self._guidance_scale, top_k, top_p, generator)
+                    progress_bar.update(num_scales)
+                else:
+                    for si, pn in enumerate(config.patch_nums):
+                        if self.interrupt:
+                            break
+                        ratio = si / (num_scales - 1)
+                        if runner is None:
+                            logits = transformer.forward_scale(si, hidden_states, condition, class_embeds, modulations)  # (2B, pn², V)
+                        else:
+                            logits = runner.step(si, hidden_states)  # same, from static buffers / a CUDA graph
+                        logits = guided_filtered_logits(logits, si, num_scales, self._guidance_scale, top_k, top_p)  # (B, pn², V)
+                        tokens = sample_tokens(logits, generator)  # (B, pn²)
+                        scale_indices.append(tokens)
+                        if more_smooth:
+                            h = gumbel_soft_embedding(logits, ratio, codebook, generator)  # (B, pn², Cvae)
+                            h = h.transpose(1, 2).reshape(batch, config.latent_channels, pn, pn)
+                        else:
+                            h = vqvae.quantizer.lookup(tokens, pn)  # (B, Cvae, pn, pn)
+                        if editing:
+                            keep = self._mask_at_scale(keep_mask, pn)
+                            h = vqvae.quantizer.lookup(edit_tokens[si], pn) * keep + h * (1 - keep)
+                        f_hat = vqvae.accumulate_scale(si, f_hat, h)
+                        if si < num_scales - 1:
+                            next_input = vqvae.next_scale_input(si + 1, f_hat)  # (B, pn_next², Cvae)
+                            hidden_states = transformer.next_scale_embeds(si + 1, next_input).repeat(2, 1, 1)
 
-                    if callback_on_step_end is not None:
-                        local = {"f_hat": f_hat, "logits": logits}
-                        callback_kwargs = {name: local[name] for name in callback_on_step_end_tensor_inputs}
-                        callback_outputs = callback_on_step_end(self, si, si, callback_kwargs) or {}
-                        f_hat = callback_outputs.get("f_hat", f_hat)
-                    progress_bar.update()
+                        if callback_on_step_end is not None:
+                            local = {"f_hat": f_hat, "logits": logits}
+                            callback_kwargs = {name: local[name] for name in callback_on_step_end_tensor_inputs}
+                            callback_outputs = callback_on_step_end(self, si, si, callback_kwargs) or {}
+                            f_hat = callback_outputs.get("f_hat", f_hat)
+                        progress_bar.update()
         finally:
             transformer.setup_kv_cache(None)
 

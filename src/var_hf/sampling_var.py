@@ -16,6 +16,12 @@ def apply_guidance(logits: torch.Tensor, guidance: float) -> torch.Tensor:
     return (1 + guidance) * logits[:batch] - guidance * logits[batch:]
 
 
+def guided_filtered_logits(logits: torch.Tensor, scale_index: int, num_scales: int, guidance_scale: float, top_k: int, top_p: float) -> torch.Tensor:
+    """One scale's (2B, l, V) logits -> guided, top-k/top-p filtered logits (B, l, V): what the token draw samples from."""
+    guided = apply_guidance(logits, guidance_weight(guidance_scale, scale_index, num_scales))
+    return filter_top_k_top_p_(guided, top_k=top_k, top_p=top_p)
+
+
 def filter_top_k_top_p_(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """
     In place, on (B, l, V) logits: top-k keeps values >= the k-th largest (ties kept); top-p sorts ascending and drops
@@ -28,9 +34,27 @@ def filter_top_k_top_p_(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0
     if top_p > 0:
         sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
         sorted_remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
-        sorted_remove[..., -1:] = False
+        sorted_remove[..., -1:].fill_(False)
         logits.masked_fill_(sorted_remove.scatter(sorted_idx.ndim - 1, sorted_idx, sorted_remove), -torch.inf)
     return logits
+
+
+def draw_exponential_(noise: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """
+    Fill `noise` with Exp(1) draws, in place: the numbers `torch.empty(noise.shape).exponential_(1, generator=generator)`
+    gives on the generator's device (its random stream is device specific), copied over when that is another device.
+    """
+    if generator is not None and generator.device.type != noise.device.type:
+        drawn = torch.empty(noise.shape, dtype=noise.dtype, device=generator.device).exponential_(1, generator=generator)
+        return noise.copy_(drawn)
+    return noise.exponential_(1, generator=generator)
+
+
+def sample_tokens_with_noise(logits: torch.Tensor, noise: torch.Tensor) -> torch.LongTensor:
+    """(B, l, V) logits and Exp(1) noise (B·l, V) -> tokens argmax(softmax(logits) / noise), (B, l): a categorical draw."""
+    batch, length, vocab = logits.shape
+    probs = logits.softmax(dim=-1).view(-1, vocab)  # (B·l, V)
+    return probs.div_(noise).argmax(dim=-1).view(batch, length)
 
 
 def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.LongTensor:
@@ -42,11 +66,8 @@ def sample_tokens(logits: torch.Tensor, generator: torch.Generator | None = None
     out because `multinomial` first checks the probabilities on the host, a device sync at every scale.
     """
     batch, length, vocab = logits.shape
-    probs = logits.softmax(dim=-1).view(-1, vocab)  # (B·l, V)
-    # The generator's device decides where the random numbers are drawn (its stream is device specific).
-    draw_device = generator.device if generator is not None else probs.device
-    exponential = torch.empty(probs.shape, dtype=probs.dtype, device=draw_device).exponential_(1, generator=generator)
-    return probs.div_(exponential.to(probs.device)).argmax(dim=-1).view(batch, length)
+    noise = draw_exponential_(torch.empty(batch * length, vocab, dtype=logits.dtype, device=logits.device), generator)
+    return sample_tokens_with_noise(logits, noise)
 
 
 def gumbel_soft_embedding(
@@ -66,4 +87,7 @@ def gumbel_soft_embedding(
     return soft @ codebook.unsqueeze(0)
 
 
-__all__ = ["guidance_weight", "apply_guidance", "filter_top_k_top_p_", "sample_tokens", "gumbel_soft_embedding"]
+__all__ = [
+    "guidance_weight", "apply_guidance", "guided_filtered_logits", "filter_top_k_top_p_", "draw_exponential_",
+    "sample_tokens_with_noise", "sample_tokens", "gumbel_soft_embedding",
+]

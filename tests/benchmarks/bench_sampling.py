@@ -4,7 +4,7 @@
     python tests/benchmarks/bench_sampling.py --depth 16 --batch-sizes 1 64 --dtype bf16 --upstream upstream/
     python tests/benchmarks/bench_sampling.py --depth 2 --batch-sizes 1 --device cpu --dtype fp32   # smoke test
 
-`--variants eager graphs compiled float8` times the plain pipeline, then static buffers + per-scale CUDA graphs, then
+`--variants eager graphs compiled float8` times the plain pipeline, then static buffers + the whole-run CUDA graph, then
 the full `pipe.compile()`, then `pipe.compile(float8=True)`, each on the same weights, reporting the first call (compilation, capture) apart; the variants' tokens
 for one seed are compared with the plain pipeline's.
 
@@ -104,7 +104,7 @@ def timed(fn, device):
 VARIANTS = {
     # name: arguments of pipe.compile() applied on top of the previous variant (None: plain pipeline)
     "eager": None,
-    "graphs": dict(compile_transformer=False, compile_decoder=False),  # static buffers + per-scale CUDA graphs
+    "graphs": dict(compile_transformer=False, compile_decoder=False),  # static buffers + the whole-run CUDA graph
     "compiled": dict(),  # + torch.compile of the blocks and the decoder: what `pipe.compile()` does
     "float8": dict(float8=True),  # + float8 block matmuls: `pipe.compile(float8=True)` (approximate speed mode)
 }
@@ -136,6 +136,14 @@ def float8_logits_check(config, device):
     reference = logits["float32"]
     error = {name: float((logits[name] - reference).norm() / reference.norm()) for name in ("bfloat16", "float8")}
     return {"check": "teacher_forced_logits_relative_error_vs_float32", **error}
+
+
+def sampler_in_use(pipe):
+    """Which sampler the last call ran: the plain loop, the static-buffer runner, or its whole-run CUDA graph."""
+    runner = getattr(pipe, "_scale_graphs", None)
+    if runner is None:
+        return "plain"
+    return "whole-run CUDA graph" if runner.run_graph is not None else "static buffers, no graph"
 
 
 def profile_call(fn, path, device, rows=30):
@@ -208,7 +216,7 @@ def main(argv=None):
                     dt_up, _ = timed(lambda: upstream_call(labels, step), args.device)
                     theirs_times.append(dt_up)
             row = {"variant": variant, "batch": batch, "first_call_s": first_s, "ours_s": statistics.median(ours_times),
-                   "ours_img_per_s": batch / statistics.median(ours_times), "ours_all_s": ours_times}
+                   "ours_img_per_s": batch / statistics.median(ours_times), "sampler": sampler_in_use(pipe), "ours_all_s": ours_times}
             if theirs_times:
                 row.update(upstream_s=statistics.median(theirs_times), upstream_img_per_s=batch / statistics.median(theirs_times), upstream_all_s=theirs_times)
                 row["speedup"] = row["upstream_s"] / row["ours_s"]
