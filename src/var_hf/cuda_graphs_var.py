@@ -155,16 +155,16 @@ class VARScaleGraphs:
         """
         config = self.transformer.config
         settings = (float(guidance_scale), int(top_k), float(top_p), vqvae, weights_fingerprint(vqvae.quantizer))
-        if settings != self.run_settings:  # new settings or tokenizer weights: new buffers, recapture
+        if settings != self.run_settings:  # new settings or tokenizer weights: recapture
             self.run_graph = self.run_outputs = None
             self.run_settings, self.vqvae = settings, vqvae
+        if self.noise is None:  # Exp(1) noise of every scale's draw, (B·pn², V) float32 each
             vocab, batch = config.codebook_size, self.batch_rows // 2
             self.noise = [torch.empty(batch * pn * pn, vocab, dtype=torch.float32, device=self.device) for pn in config.patch_nums]
         for noise in self.noise:
             draw_exponential_(noise, generator)
         if not self.use_cuda_graphs:
-            scale_indices, f_hat = self._run_all_scales()
-            return scale_indices, f_hat
+            return self._run_all_scales()
         if self.run_graph is None:
             self.attach()
             try:
