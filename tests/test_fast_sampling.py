@@ -144,15 +144,18 @@ def test_cuda_graph_branches_with_a_stand_in_graph(monkeypatch):
     assert len(captures) == 2 + len(pipe.transformer.config.patch_nums)  # editing: one graph per step, captured once
 
 
-def test_whole_sampling_run_reads_nothing_on_the_host():
+@pytest.mark.parametrize("float8", [False, True])
+def test_whole_sampling_run_reads_nothing_on_the_host(float8):
     """
     What a CUDA graph capture of the whole run needs, checked without a GPU: on the meta device (shapes, no data) every
     operation of the run must work, so none reads a value back to the host (`.item()`, `bool(tensor)`, data-dependent
-    shapes such as `nonzero` raise there) or mixes in tensors from another device.
+    shapes such as `nonzero` raise there) or mixes in tensors from another device. With float8 matmuls too.
     """
     from var_hf.cuda_graphs_var import VARScaleGraphs
 
     pipe = VARPipeline.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
+    pipe.transformer.set_float8_matmuls(float8)
+    assert any(isinstance(module, VARFloat8Linear) for module in pipe.transformer.modules()) == float8
     transformer, vqvae = pipe.transformer.to("meta"), pipe.vqvae.to("meta")
     runner = VARScaleGraphs(transformer, 4, torch.float32, torch.device("meta"))
     runner.attach()

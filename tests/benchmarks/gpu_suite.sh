@@ -33,7 +33,7 @@ phase decoder 90 python3 $B/bench_decoder.py --batch-size 64 --dtype bf16 --upst
 phase sampling_d16 240 python3 $B/bench_sampling.py --depth 16 --batch-sizes 64 1 --dtype bf16 --upstream "$UPSTREAM" \
   --variants eager compiled float8 --repeats 5 --warmup 2 --profile "$OUT/profile_d16" --output "$OUT/sampling_d16.json" "${S[@]}"
 phase sampling_d30 180 python3 $B/bench_sampling.py --depth 30 --batch-sizes 64 --dtype bf16 --upstream "$UPSTREAM" \
-  --variants compiled float8 --repeats 3 --warmup 1 --output "$OUT/sampling_d30.json" "${S[@]}"
+  --variants compiled float8 --repeats 3 --warmup 1 --profile "$OUT/profile_d30" --output "$OUT/sampling_d30.json" "${S[@]}"
 phase training_d16 200 python3 $B/bench_training.py --depth 16 --batch-size 32 --dtype bf16 --upstream "$UPSTREAM" \
   --upstream-with-tokenizer --compile --steps 6 --warmup 2 --output "$OUT/training_d16.json" "${T[@]}"
 if [[ "${MEMORY:-0}" == 1 ]]; then
