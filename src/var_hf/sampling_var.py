@@ -79,10 +79,7 @@ def gumbel_soft_embedding(
     """`more_smooth`: softmax((logits·(1 + r) + Gumbel) / tau) mixture of codebook vectors, (B, l, Cvae)."""
     tau = max(0.27 * (1 - ratio * 0.95), 0.005)
     logits = filtered_logits.mul(1 + ratio)
-    if generator is not None and generator.device.type != logits.device.type:
-        exponential = torch.empty_like(logits, device=generator.device).exponential_(generator=generator).to(logits.device)
-    else:
-        exponential = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=generator)
+    exponential = draw_exponential_(torch.empty_like(logits, memory_format=torch.legacy_contiguous_format), generator)
     soft = ((logits - exponential.log()) / tau).softmax(dim=-1)
     return soft @ codebook.unsqueeze(0)
 
