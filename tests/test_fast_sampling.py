@@ -200,6 +200,34 @@ def test_padded_rgb_convolution_matches_the_plain_one(dtype, channels_last):
     assert torch.equal(vq_conv_to_rgb(conv, h), plain)  # on the CPU the plain convolution is used
 
 
+@pytest.mark.parametrize("shared_adaln", [False, True])
+def test_block_causal_attention_per_scale_equals_the_masked_reference(shared_adaln):
+    """SDPA models attend one unmasked call per scale (`var_block_causal_attention`); the eager reference applies the
+    (L, L) block-causal mask to the full score matrix. Same logits and gradients, on weights drawn at their fan-in
+    scale (at initialisation the AdaLN gates of 0.001 would hide the attention)."""
+    kwargs = dict(depth=2, embed_dim=64, num_heads=4, patch_nums=(1, 2, 3, 5), codebook_size=32, latent_channels=8,
+                  num_classes=5, drop_path_rate=0.0, class_dropout_prob=0.0, shared_adaln=shared_adaln)
+    sdpa = VARTransformer(VARConfig(**kwargs)).train()
+    eager = VARTransformer(VARConfig(**kwargs, attn_implementation="eager")).train()
+    assert sdpa.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in sdpa.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * (param.shape[-1] ** -0.5 if param.ndim > 1 else 0.1))
+    eager.load_state_dict(sdpa.state_dict())
+    labels = torch.tensor([0, 4, 2])
+    teacher = torch.randn(3, sdpa.config.seq_len - sdpa.config.first_scale_len, 8, generator=generator)
+    targets = torch.randint(0, 32, (3, sdpa.config.seq_len), generator=generator)
+    outputs = [model(class_labels=labels, teacher_input=teacher, labels=targets) for model in (sdpa, eager)]
+    for output in outputs:
+        output.loss.backward()
+    torch.testing.assert_close(outputs[0].logits, outputs[1].logits, rtol=1e-5, atol=1e-5)
+    for (name, fast), (_, reference) in zip(sdpa.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(fast.grad, reference.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="whole sequence"):
+        sdpa.layers[0].attn(torch.zeros(1, 3, 64), block_causal=True)
+
+
 @needs_compiler
 def test_compiled_training_blocks_give_the_eager_loss_and_gradients():
     config = VARConfig(depth=2, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3), codebook_size=32, latent_channels=8, num_classes=5, drop_path_rate=0.0)

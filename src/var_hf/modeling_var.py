@@ -152,6 +152,20 @@ def var_eager_attention(query, key, value, attention_mask, scale: float, dropout
     return torch.matmul(weights, value)
 
 
+def var_block_causal_attention(query, key, value, scale_ranges: list[tuple[int, int]], scale: float, dropout: float) -> torch.Tensor:
+    """
+    Block-causal attention over a whole sequence (B, H, L, D) -> (B, H, L, D) without a mask: the queries of each scale
+    attend to every key up to the end of that scale, one unmasked SDPA call per scale. The same function as SDPA with
+    `var_block_causal_mask`, but flash attention applies (an (L, L) additive mask needs SDPA's slower masked kernels)
+    and the masked-out ~40 % of the score matrix is never computed.
+    """
+    outputs = [
+        F.scaled_dot_product_attention(query[:, :, begin:end], key[:, :, :end], value[:, :, :end], dropout_p=dropout, scale=scale)
+        for begin, end in scale_ranges
+    ]
+    return torch.cat(outputs, dim=2)
+
+
 class VARAttention(nn.Module):
     """
     Multi-head self-attention of a VAR block.
@@ -185,6 +199,7 @@ class VARAttention(nn.Module):
         hidden_states: torch.Tensor,  # (B, l, C)
         attention_mask: torch.Tensor | None = None,  # additive (l, L) or None
         cache_position: int | None = None,  # first token index of `hidden_states` when decoding with the KV cache
+        block_causal: bool = False,  # `hidden_states` is the whole sequence: block-causal by scale, without a mask
     ) -> torch.Tensor:
         batch, length, hidden = hidden_states.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
@@ -200,10 +215,14 @@ class VARAttention(nn.Module):
             key = F.normalize(key, dim=-1)
         dropout = self.config.attn_dropout if self.training else 0.0
         eager = self.config._attn_implementation == "eager"
+        if block_causal and (attention_mask is not None or length != self.config.seq_len):
+            raise ValueError(f"block_causal attention takes the whole sequence ({self.config.seq_len} tokens) and no attention_mask")
         if self.kv_cache is not None and cache_position is not None:
             if attention_mask is not None:
                 raise ValueError("KV-cached attention is block-causal by construction and takes no attention_mask")
             attn = var_kv_cached_attention(self.kv_cache, cache_position, query, key, value, self.softmax_scale, eager)
+        elif block_causal:
+            attn = var_block_causal_attention(query, key, value, self.config.scale_ranges, self.softmax_scale, dropout)
         elif eager:
             attn = var_eager_attention(query, key, value, attention_mask, self.softmax_scale, dropout)
         else:
@@ -261,13 +280,14 @@ class VARBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         cache_position: int | None = None,
         modulation: torch.Tensor | None = None,  # this block's `modulation(condition)` (B, 1, 6, C), if computed already
+        block_causal: bool = False,  # the whole sequence, block-causal attention without a mask (`var_block_causal_attention`)
     ) -> torch.Tensor:
         if modulation is None:
             modulation = self.modulation(condition)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation.unbind(2)  # 6 × (B, 1, C)
         eps = self.config.layer_norm_eps
         normed = F.layer_norm(hidden_states, (self.hidden_size,), eps=eps).mul(scale1.add(1)).add_(shift1)
-        attn = self.attn(normed, attention_mask=attention_mask, cache_position=cache_position).mul_(gamma1)
+        attn = self.attn(normed, attention_mask=attention_mask, cache_position=cache_position, block_causal=block_causal).mul_(gamma1)
         hidden_states = hidden_states + var_drop_path(attn, self.drop_path_rate, self.training)
         normed = F.layer_norm(hidden_states, (self.hidden_size,), eps=eps).mul(scale2.add(1)).add_(shift2)
         mlp = self.mlp(normed).mul(gamma2)
@@ -426,9 +446,12 @@ class VARTransformer(VARPreTrainedModel):
         hidden_states = torch.cat((start, tokens), dim=1) + self.scale_pos_embeds()  # (B, L, C)
 
         condition = self.adaln_condition(class_embeds)
-        attn_mask = self.attn_mask.to(hidden_states.dtype)
+        if config._attn_implementation == "eager":  # the reference: softmax over masked scores
+            layer_kwargs = {"attention_mask": self.attn_mask.to(hidden_states.dtype)}
+        else:  # SDPA: one unmasked (flash) attention call per scale, the same function
+            layer_kwargs = {"block_causal": True}
         for layer in self.layers:
-            hidden_states = layer(hidden_states, condition, attn_mask)
+            hidden_states = layer(hidden_states, condition, **layer_kwargs)
         logits = self.logits_from_hidden(hidden_states, class_embeds)  # (B, L, V)
 
         loss = None
