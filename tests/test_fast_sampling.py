@@ -21,7 +21,7 @@ from var_hf import DEFAULT_MODEL, MultiScaleVQModel, VARConfig, VARPipeline, VAR
 from var_hf.modeling_var import VARFloat8Linear
 from var_hf.sampling_var import filter_top_k_top_p_, sample_tokens
 from var_hf.training_var import compile_transformer_blocks
-from var_hf.vq_var import vq_conv_to_rgb, vq_group_norm_channels_last
+from var_hf.vq_var import vq_conv_to_rgb, vq_group_norm_channels_last, vq_upsample_conv
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
 
@@ -269,20 +269,36 @@ def test_group_norm_from_channel_statistics_is_group_norm(dtype):
         assert (ours.double() - expected).abs().max() <= (F.group_norm(x, 32, weight, bias, 1e-6).double() - expected).abs().max()
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sub_pixel_upsample_convolution_is_upsample_then_convolution(channels_last, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, kernel_size=3, padding=1, bias=bias).double()
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64)  # not square, odd sides: the borders' zero padding matters
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    expected = conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    ours = vq_upsample_conv(conv, x)
+    assert ours.shape == expected.shape == (2, 5, 14, 18)
+    assert ours.is_contiguous(memory_format=torch.channels_last) == channels_last  # the next convolution's layout
+    assert (ours - expected).abs().max() < 1e-12
+
+
 @needs_compiler
-def test_compiled_channels_last_decoder_uses_channel_statistics_and_matches_eager(monkeypatch):
+def test_compiled_channels_last_decoder_uses_its_fast_layers_and_matches_eager(monkeypatch):
     vqvae = MultiScaleVQModel.from_pretrained(f"{DEFAULT_MODEL}/vqvae").eval()
     latent = torch.randn(2, vqvae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = vqvae.decoder(latent)  # eager, channels-first: F.group_norm
+        expected = vqvae.decoder(latent)  # eager, channels-first: F.group_norm, upsampling then convolution
         calls = []
-        original = var_hf.vq_var.vq_group_norm_channels_last
-        monkeypatch.setattr(var_hf.vq_var, "vq_group_norm_channels_last", lambda *a: calls.append(1) or original(*a))
+        for name in ("vq_group_norm_channels_last", "vq_upsample_conv"):
+            original = getattr(var_hf.vq_var, name)
+            monkeypatch.setattr(var_hf.vq_var, name, lambda *a, name=name, original=original: calls.append(name) or original(*a))
         vqvae.decoder.to(memory_format=torch.channels_last)
-        assert torch.allclose(vqvae.decoder(latent), expected, atol=1e-5)  # eager channels-last: still F.group_norm
+        assert torch.allclose(vqvae.decoder(latent), expected, atol=1e-5)  # eager channels-last: still the reference
         assert not calls
         compiled = torch.compile(vqvae.decoder.forward)(latent)
-    assert calls  # traced through the channel-statistics GroupNorm
+    assert set(calls) == {"vq_group_norm_channels_last", "vq_upsample_conv"}  # traced through both
     assert torch.allclose(compiled, expected, atol=1e-4)
 
 

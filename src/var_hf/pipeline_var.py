@@ -172,7 +172,8 @@ class VARPipeline(DiffusionPipeline):
         - `compile_transformer`: `torch.compile` of every transformer block (fused normalisation, modulation and
           activations); one compilation with dynamic shapes serves all scales and batch sizes.
         - `compile_decoder`: `torch.compile` of the VQ decoder in channels-last layout (GroupNorm from per-channel
-          statistics, fused with SiLU), with cuDNN's benchmark mode during its calls only ([`compile_vq_decoder`]).
+          statistics, fused with SiLU; upsampling convolutions computed sub-pixel), with cuDNN's benchmark mode during
+          its calls only ([`compile_vq_decoder`]).
         - `float8` (off by default): the transformer blocks' matmuls in float8 with per-row scales
           ([`VARTransformer.set_float8_matmuls`]; GPUs of compute capability >= 8.9). Faster, approximate: a speed
           mode beside bfloat16, not the reference. `compile(float8=False)` switches it off again.

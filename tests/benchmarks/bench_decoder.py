@@ -6,7 +6,8 @@
 
 Times, on the same random weights: upstream's decoder (`fhat_to_img` under its demo fp16 autocast) and ours in
 `dtype` as plain (channels-first, eager), channels-last eager, and `pipe.compile()`'s compiled channels-last decoder
-(GroupNorm from per-channel statistics, padded RGB convolution). Each variant's output is compared with the plain
+(GroupNorm from per-channel statistics, sub-pixel upsampling convolutions,
+padded RGB convolution). Each variant's output is compared with the plain
 one; `--profile PREFIX` writes each variant's top kernels to PREFIX_<variant>.txt. Prints and writes JSON.
 """
 
