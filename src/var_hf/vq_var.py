@@ -146,8 +146,9 @@ def vq_upsample_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """
     `conv(F.interpolate(x, scale_factor=2, mode="nearest"))` for a 3x3, padding-1 convolution, computed sub-pixel: every
     output pixel (2i + a, 2j + b) reads only a 2x2 window of x, so one 2x2 convolution of x with 4·C_out output channels
-    (the 3x3 weights summed per phase, in at least float32) gives the four phases, which are interleaved. The same function with
-    4/9 of the multiply-adds and no upsampled copy of x; used by the compiled decoder (the eager one is the reference).
+    (the 3x3 weights summed per phase, in at least float32) gives the four phases, which are interleaved. The same
+    function with 4/9 of the multiply-adds and no upsampled copy of x; used by the compiled decoder (the eager one is
+    the reference).
     """
     batch, _, height, width = x.shape
     dtype = torch.promote_types(conv.weight.dtype, torch.float32)
