@@ -71,20 +71,20 @@ def test_static_scale_runner_is_bit_identical_to_eager():
     pipe.compile(cuda_graphs=True, compile_transformer=False, compile_decoder=False)
     for (labels, seed), expected in list(eager.items()) * 2:  # batch sizes alternate: the runner is rebuilt
         _assert_same(_sample(pipe, list(labels), seed), expected)
-    assert pipe._scale_graphs.run_settings is not None  # plain runs went through the whole-run sampler
+    assert pipe._sampling_graphs.run_settings is not None  # plain runs went through the whole-run sampler
     for kwargs, expected in list(zip(settings, eager_settings)) * 2:  # new sampling settings: new whole-run buffers
         _assert_same(_sample(pipe, [1, 8], 4, **kwargs), expected)
     _assert_same(_sample(pipe, [5, 6], 2, more_smooth=True), eager_smooth)
     _assert_same(_sample(pipe, [7], 3, image=image, edit_mask=mask), eager_edit)
     assert all(layer.attn.kv_cache is None for layer in pipe.transformer.layers)  # caches detached after sampling
 
-    runner = pipe._scale_graphs
+    runner = pipe._sampling_graphs
     _sample(pipe, [4], 1)
-    assert pipe._scale_graphs is runner  # same batch, same weights: reused
+    assert pipe._sampling_graphs is runner  # same batch, same weights: reused
     head = pipe.transformer.lm_head
     head.weight = nn.Parameter(head.weight.detach().clone())  # new storage: captured buffers would be stale
     _assert_same(_sample(pipe, [4], 1), eager[((4,), 1)])
-    assert pipe._scale_graphs is not runner
+    assert pipe._sampling_graphs is not runner
 
 
 class ReplayingGraph:
@@ -108,7 +108,7 @@ def test_cuda_graph_branches_with_a_stand_in_graph(monkeypatch):
     replay, read (and copy out of) static outputs, per-step graphs for editing — run here with `ReplayingGraph`: stale
     inputs, missing copies or outputs overwritten by the next call change the samples, which must stay the plain loop's.
     """
-    from var_hf.cuda_graphs_var import VARScaleGraphs
+    from var_hf.cuda_graphs_var import VARSamplingGraphs
 
     captures = []
 
@@ -116,7 +116,7 @@ def test_cuda_graph_branches_with_a_stand_in_graph(monkeypatch):
         captures.append(ReplayingGraph(function))
         return captures[-1], captures[-1].outputs
 
-    original_init = VARScaleGraphs.__init__
+    original_init = VARSamplingGraphs.__init__
 
     def init_with_graphs(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
@@ -130,8 +130,8 @@ def test_cuda_graph_branches_with_a_stand_in_graph(monkeypatch):
     edits = [_sample(pipe, [4], seed, image=plain[0].images[:1], edit_mask=mask) for seed in (2, 3)]
     other_settings = _sample(pipe, [3, 5], 1, guidance_scale=3.0, top_k=5)
 
-    monkeypatch.setattr(VARScaleGraphs, "_capture", staticmethod(capture))
-    monkeypatch.setattr(VARScaleGraphs, "__init__", init_with_graphs)
+    monkeypatch.setattr(VARSamplingGraphs, "_capture", staticmethod(capture))
+    monkeypatch.setattr(VARSamplingGraphs, "__init__", init_with_graphs)
     pipe.compile(cuda_graphs=True, compile_transformer=False, compile_decoder=False)
     first = _sample(pipe, [3, 5], 0)
     _assert_same(_sample(pipe, [3, 5], 1), plain[1])  # a replay with new random numbers
@@ -151,13 +151,13 @@ def test_whole_sampling_run_reads_nothing_on_the_host(float8):
     operation of the run must work, so none reads a value back to the host (`.item()`, `bool(tensor)`, data-dependent
     shapes such as `nonzero` raise there) or mixes in tensors from another device. With float8 matmuls too.
     """
-    from var_hf.cuda_graphs_var import VARScaleGraphs
+    from var_hf.cuda_graphs_var import VARSamplingGraphs
 
     pipe = VARPipeline.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
     pipe.transformer.set_float8_matmuls(float8)
     assert any(isinstance(module, VARFloat8Linear) for module in pipe.transformer.modules()) == float8
     transformer, vqvae = pipe.transformer.to("meta"), pipe.vqvae.to("meta")
-    runner = VARScaleGraphs(transformer, 4, torch.float32, torch.device("meta"))
+    runner = VARSamplingGraphs(transformer, 4, torch.float32, torch.device("meta"))
     runner.attach()
     class_embeds = transformer.class_embed(torch.tensor([1, 2, 10, 10], device="meta"))  # 2 images + CFG rows
     runner.set_condition(class_embeds, transformer.adaln_condition(class_embeds))

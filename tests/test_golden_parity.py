@@ -107,7 +107,7 @@ def test_static_buffer_sampler_reproduces_upstream(converted_pipelines, name):
     pipe.compile(cuda_graphs=True, compile_transformer=False, compile_decoder=False)
     for run in config["sampling_runs"]:
         sample_and_compare(pipe, data, config, run)
-    assert pipe._scale_graphs is not None  # the runner did the work
+    assert pipe._sampling_graphs is not None  # the runner did the work
 
 
 @pytest.mark.parametrize("name", NAMES)

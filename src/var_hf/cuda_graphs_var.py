@@ -2,7 +2,7 @@
 
 Every scale of VAR has a fixed token count, so with a static KV cache a sampling run for a given batch size always runs
 the same kernels on the same buffers: the transformer step of each scale, guidance, top-k/top-p filtering, the token
-draw, the codebook lookup and the latent accumulation. [`VARScaleGraphs`] preallocates those buffers for one batch size
+draw, the codebook lookup and the latent accumulation. [`VARSamplingGraphs`] preallocates those buffers for one batch size
 and, on CUDA, captures the whole run once; a call then draws the run's random numbers into static buffers (the same
 numbers, in the same order, as the scale-by-scale loop draws them), replays one graph, and reads the tokens and the
 latent back — no kernel launches from Python and no host work between scales. Runs that need the host between scales
@@ -29,7 +29,7 @@ def weights_fingerprint(module: torch.nn.Module) -> tuple:
     return tuple((w.data_ptr(), w.dtype, w.device) for w in weights)
 
 
-class VARScaleGraphs:
+class VARSamplingGraphs:
     """
     Preallocated condition buffers and KV cache of [`VARTransformer`] for `batch_rows` rows (the CFG-doubled batch),
     and (on CUDA) the captured graphs.
@@ -178,4 +178,4 @@ class VARScaleGraphs:
         return [tokens.clone() for tokens in scale_indices], f_hat.clone()
 
 
-__all__ = ["VARScaleGraphs", "weights_fingerprint"]
+__all__ = ["VARSamplingGraphs", "weights_fingerprint"]

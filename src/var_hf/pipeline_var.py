@@ -183,8 +183,8 @@ class VARPipeline(DiffusionPipeline):
         device (`torch.Generator("cuda")`) for speed: a CPU generator draws every scale's random numbers on the CPU.
         `compile_kwargs` go to `torch.compile`. Returns the pipeline, so `.to("cuda").compile()` chains.
         """
-        self._use_scale_graphs = cuda_graphs
-        self._scale_graphs = None
+        self._use_sampling_graphs = cuda_graphs
+        self._sampling_graphs = None
         self.transformer.set_float8_matmuls(float8)
         if compile_transformer or compile_decoder:
             var_allow_recompiles()
@@ -195,17 +195,17 @@ class VARPipeline(DiffusionPipeline):
             compile_vq_decoder(self.vqvae.decoder, **compile_kwargs)
         return self
 
-    def _scale_step_runner(self, batch_rows: int, dtype: torch.dtype, device: torch.device):
-        """The static-buffer / CUDA-graph runner of the transformer step for this batch (see `compile`), or None."""
-        if not getattr(self, "_use_scale_graphs", False):
+    def _sampling_runner(self, batch_rows: int, dtype: torch.dtype, device: torch.device):
+        """The static-buffer / CUDA-graph sampler for this batch (see `compile`), or None."""
+        if not getattr(self, "_use_sampling_graphs", False):
             return None
-        from .cuda_graphs_var import VARScaleGraphs
+        from .cuda_graphs_var import VARSamplingGraphs
 
-        runner = self._scale_graphs
+        runner = self._sampling_graphs
         if runner is None or not runner.matches(self.transformer, batch_rows, dtype, device):
-            self._scale_graphs = None  # free the previous batch size's buffers and graphs first
-            runner = VARScaleGraphs(self.transformer, batch_rows, dtype, device)
-            self._scale_graphs = runner
+            self._sampling_graphs = None  # free the previous batch size's buffers and graphs first
+            runner = VARSamplingGraphs(self.transformer, batch_rows, dtype, device)
+            self._sampling_graphs = runner
         return runner
 
     # ------------------------------------------------------------------------------------------------- labels
@@ -460,7 +460,7 @@ class VARPipeline(DiffusionPipeline):
         scale_indices: list[torch.LongTensor] = []
 
         # 3. Scale loop: predict each token map from all coarser ones (static KV cache)
-        runner = self._scale_step_runner(2 * batch, hidden_states.dtype, device)
+        runner = self._sampling_runner(2 * batch, hidden_states.dtype, device)
         # With the runner, a run that needs no host work between scales is one call (one CUDA graph on CUDA).
         whole_run = runner is not None and not editing and not more_smooth and callback_on_step_end is None
         if runner is None:

@@ -140,7 +140,7 @@ def float8_logits_check(config, device):
 
 def sampler_in_use(pipe):
     """Which sampler the last call ran: the plain loop, the static-buffer runner, or its whole-run CUDA graph."""
-    runner = getattr(pipe, "_scale_graphs", None)
+    runner = getattr(pipe, "_sampling_graphs", None)
     if runner is None:
         return "plain"
     return "whole-run CUDA graph" if runner.run_graph is not None else "static buffers, no graph"
