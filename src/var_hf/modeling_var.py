@@ -157,7 +157,8 @@ def var_block_causal_attention(query, key, value, scale_ranges: list[tuple[int, 
     Block-causal attention over a whole sequence (B, H, L, D) -> (B, H, L, D) without a mask: the queries of each scale
     attend to every key up to the end of that scale, one unmasked SDPA call per scale. The same function as SDPA with
     `var_block_causal_mask`, but flash attention applies (an (L, L) additive mask needs SDPA's slower masked kernels)
-    and the masked-out ~40 % of the score matrix is never computed.
+    and the masked-out ~40 % of the score matrix is never computed. Used by compiled blocks (which fuse the backward's
+    sum of key/value slice gradients) and without gradients.
     """
     outputs = [
         F.scaled_dot_product_attention(query[:, :, begin:end], key[:, :, :end], value[:, :, :end], dropout_p=dropout, scale=scale)
@@ -199,7 +200,7 @@ class VARAttention(nn.Module):
         hidden_states: torch.Tensor,  # (B, l, C)
         attention_mask: torch.Tensor | None = None,  # additive (l, L) or None
         cache_position: int | None = None,  # first token index of `hidden_states` when decoding with the KV cache
-        block_causal: bool = False,  # `hidden_states` is the whole sequence: block-causal by scale, without a mask
+        block_causal: bool = False,  # `attention_mask` is the block-causal mask of the whole sequence
     ) -> torch.Tensor:
         batch, length, hidden = hidden_states.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
@@ -215,13 +216,15 @@ class VARAttention(nn.Module):
             key = F.normalize(key, dim=-1)
         dropout = self.config.attn_dropout if self.training else 0.0
         eager = self.config._attn_implementation == "eager"
-        if block_causal and (attention_mask is not None or length != self.config.seq_len):
-            raise ValueError(f"block_causal attention takes the whole sequence ({self.config.seq_len} tokens) and no attention_mask")
+        if block_causal and (attention_mask is None or length != self.config.seq_len):
+            raise ValueError(f"block_causal: the whole sequence ({self.config.seq_len} tokens) with its block-causal attention_mask")
         if self.kv_cache is not None and cache_position is not None:
             if attention_mask is not None:
                 raise ValueError("KV-cached attention is block-causal by construction and takes no attention_mask")
             attn = var_kv_cached_attention(self.kv_cache, cache_position, query, key, value, self.softmax_scale, eager)
-        elif block_causal:
+        elif block_causal and not eager and (torch.compiler.is_compiling() or not torch.is_grad_enabled()):
+            # Per scale, without the mask. Compiled or without gradients only: in eager autograd the backward of the
+            # key/value slices (ten full-size gradients summed) costs more than the masked kernel saves.
             attn = var_block_causal_attention(query, key, value, self.config.scale_ranges, self.softmax_scale, dropout)
         elif eager:
             attn = var_eager_attention(query, key, value, attention_mask, self.softmax_scale, dropout)
@@ -280,7 +283,7 @@ class VARBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         cache_position: int | None = None,
         modulation: torch.Tensor | None = None,  # this block's `modulation(condition)` (B, 1, 6, C), if computed already
-        block_causal: bool = False,  # the whole sequence, block-causal attention without a mask (`var_block_causal_attention`)
+        block_causal: bool = False,  # `attention_mask` is the whole sequence's block-causal mask (see `VARAttention`)
     ) -> torch.Tensor:
         if modulation is None:
             modulation = self.modulation(condition)
@@ -446,12 +449,10 @@ class VARTransformer(VARPreTrainedModel):
         hidden_states = torch.cat((start, tokens), dim=1) + self.scale_pos_embeds()  # (B, L, C)
 
         condition = self.adaln_condition(class_embeds)
-        if config._attn_implementation == "eager":  # the reference: softmax over masked scores
-            layer_kwargs = {"attention_mask": self.attn_mask.to(hidden_states.dtype)}
-        else:  # SDPA: one unmasked (flash) attention call per scale, the same function
-            layer_kwargs = {"block_causal": True}
+        attn_mask = self.attn_mask.to(hidden_states.dtype)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, condition, **layer_kwargs)
+            # block_causal: SDPA may run unmasked per scale instead (`var_block_causal_attention`), the same function
+            hidden_states = layer(hidden_states, condition, attn_mask, block_causal=True)
         logits = self.logits_from_hidden(hidden_states, class_embeds)  # (B, L, V)
 
         loss = None
