@@ -201,6 +201,15 @@ def test_padded_rgb_convolution_matches_the_plain_one(dtype, channels_last):
     assert torch.equal(vq_conv_to_rgb(conv, h), plain)  # on the CPU the plain convolution is used
 
 
+def redraw_at_fan_in_scale(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Every weight N(0, 1/fan_in), vectors N(0, 0.01): at initialisation the AdaLN gates (0.001) make every block
+    nearly the identity, which would hide the attention from the comparisons."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * (param.shape[-1] ** -0.5 if param.ndim > 1 else 0.1))
+    return model
+
+
 def test_block_causal_attention_per_scale_is_the_masked_attention():
     """One unmasked SDPA call per scale == SDPA with the (L, L) block-causal mask: outputs and gradients (float64)."""
     config = VARConfig(depth=1, embed_dim=32, num_heads=2, patch_nums=(1, 2, 3, 5), codebook_size=8, latent_channels=4, num_classes=3)
@@ -222,17 +231,14 @@ def test_block_causal_attention_per_scale_is_the_masked_attention():
 @pytest.mark.parametrize("shared_adaln", [False, True])
 def test_sdpa_teacher_forcing_attends_per_scale_without_gradients(monkeypatch, shared_adaln):
     """Teacher-forced logits of an SDPA model run `var_block_causal_attention` without gradients (the masked kernel in
-    eager autograd) and equal the eager, masked reference; weights drawn at their fan-in scale (at initialisation the
-    AdaLN gates of 0.001 would hide the attention)."""
+    eager autograd) and equal the eager, masked reference (weights drawn at their fan-in scale)."""
     kwargs = dict(depth=2, embed_dim=64, num_heads=4, patch_nums=(1, 2, 3, 5), codebook_size=32, latent_channels=8,
                   num_classes=5, shared_adaln=shared_adaln)
     sdpa = VARTransformer(VARConfig(**kwargs)).eval()
     eager = VARTransformer(VARConfig(**kwargs, attn_implementation="eager")).eval()
     assert sdpa.config._attn_implementation == "sdpa" and eager.config._attn_implementation == "eager"
     generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in sdpa.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * (param.shape[-1] ** -0.5 if param.ndim > 1 else 0.1))
+    redraw_at_fan_in_scale(sdpa, generator)
     eager.load_state_dict(sdpa.state_dict())
     calls = []
     original = var_hf.modeling_var.var_block_causal_attention
@@ -252,13 +258,10 @@ def test_sdpa_teacher_forcing_attends_per_scale_without_gradients(monkeypatch, s
 @needs_compiler
 def test_compiled_training_blocks_give_the_eager_loss_and_gradients(monkeypatch):
     """Compiled blocks (attention per scale, `var_block_causal_attention`) against the eager model (masked attention),
-    on weights drawn at their fan-in scale so that attention matters."""
+    on weights drawn at their fan-in scale."""
     config = VARConfig(depth=2, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3), codebook_size=32, latent_channels=8, num_classes=5, drop_path_rate=0.0)
     torch.manual_seed(0)
-    eager = VARTransformer(config).train()
-    with torch.no_grad():
-        for param in eager.parameters():
-            param.copy_(torch.randn(param.shape) * (param.shape[-1] ** -0.5 if param.ndim > 1 else 0.1))
+    eager = redraw_at_fan_in_scale(VARTransformer(config).train(), torch.Generator().manual_seed(0))
     compiled = VARTransformer(config).train()
     compiled.load_state_dict(eager.state_dict())
     compile_transformer_blocks(compiled)
