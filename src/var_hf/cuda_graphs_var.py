@@ -43,7 +43,6 @@ class VARSamplingGraphs:
         config = transformer.config
         self.transformer = transformer
         self.fingerprint = weights_fingerprint(transformer)
-        self.key = (batch_rows, dtype, torch.device(device))
         self.batch_rows, self.dtype, self.device = batch_rows, dtype, torch.device(device)
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         transformer.setup_kv_cache(batch_rows, dtype=dtype, device=device)
@@ -65,7 +64,7 @@ class VARSamplingGraphs:
     def matches(self, transformer: VARTransformer, batch_rows: int, dtype: torch.dtype, device: torch.device) -> bool:
         return (
             transformer is self.transformer
-            and self.key == (batch_rows, dtype, torch.device(device))
+            and (self.batch_rows, self.dtype, self.device) == (batch_rows, dtype, torch.device(device))
             and self.fingerprint == weights_fingerprint(transformer)
         )
 

@@ -85,6 +85,19 @@ def var_allow_recompiles(minimum: int = 64) -> None:
     setattr(config, name, max(getattr(config, name), minimum))
 
 
+def compile_transformer_blocks(transformer: nn.Module, **compile_kwargs) -> nn.Module:
+    """
+    `torch.compile` every transformer block in place (`nn.Module.compile`: parameter names and checkpoints unchanged).
+    All blocks share one compiled graph (their code and shapes are the same), so compiling costs about one block's
+    time; fuses the AdaLN modulation, normalisations and activations of forward and backward. Used by training
+    (`train_var.py --torch_compile`) and by `VARPipeline.compile()`.
+    """
+    var_allow_recompiles()  # one entry per scale shape, batch size or progressive-training stage
+    for layer in transformer.layers:
+        layer.compile(**compile_kwargs)
+    return transformer
+
+
 @torch.compiler.disable
 def var_kv_cached_attention(kv_cache: VARKVCache, begin: int, query, key, value, scale: float, eager: bool) -> torch.Tensor:
     """

@@ -15,7 +15,7 @@ from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput, logging
 
-from .modeling_var import VARTransformer, var_allow_recompiles
+from .modeling_var import VARTransformer, compile_transformer_blocks, var_allow_recompiles
 from .hub import UPLOAD_ALLOW_PATTERNS
 from .safety import check_folder_has_no_pickles
 from .sampling_var import gumbel_soft_embedding, guided_filtered_logits, sample_tokens
@@ -186,12 +186,10 @@ class VARPipeline(DiffusionPipeline):
         self._use_sampling_graphs = cuda_graphs
         self._sampling_graphs = None
         self.transformer.set_float8_matmuls(float8)
-        if compile_transformer or compile_decoder:
-            var_allow_recompiles()
-        if compile_transformer:
-            for layer in self.transformer.layers:
-                layer.compile(**{"dynamic": True, **compile_kwargs})  # nn.Module.compile: names and checkpoints unchanged
+        if compile_transformer:  # one dynamic-shape compilation for all scales and batch sizes
+            compile_transformer_blocks(self.transformer, **{"dynamic": True, **compile_kwargs})
         if compile_decoder:
+            var_allow_recompiles()
             compile_vq_decoder(self.vqvae.decoder, **compile_kwargs)
         return self
 

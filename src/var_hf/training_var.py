@@ -30,6 +30,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
+from .modeling_var import compile_transformer_blocks  # noqa: F401  (re-exported: the training recipe's compile step)
+
 # --------------------------------------------------------------------------------------------------- weight decay groups
 # Upstream (`VAR/utils/lr_control.filter_params` + `train.py`) excludes 1-D parameters, names ending in `bias`, and names
 # containing any of these keys. The first group are upstream's names, the second their var-hf equivalents
@@ -566,20 +568,6 @@ def resize_class_embedding(transformer, num_classes: int) -> None:
     new.weight[num_classes] = weight[old]  # null class
     transformer.class_embed = new
     transformer.config.num_classes = num_classes
-
-
-def compile_transformer_blocks(transformer: nn.Module, **compile_kwargs) -> nn.Module:
-    """
-    `torch.compile` every transformer block in place (`nn.Module.compile`: parameter names and checkpoints unchanged).
-    All blocks share one compiled graph (their code and shapes are the same), so compiling costs about one block's
-    time; fuses the AdaLN modulation, normalisations and activations of forward and backward.
-    """
-    from .modeling_var import var_allow_recompiles
-
-    var_allow_recompiles()  # progressive training: one entry per stage
-    for layer in transformer.layers:
-        layer.compile(**compile_kwargs)
-    return transformer
 
 
 __all__ = [
