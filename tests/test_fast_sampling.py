@@ -20,7 +20,7 @@ import var_hf.vq_var
 from var_hf import DEFAULT_MODEL, MultiScaleVQModel, VARConfig, VARPipeline, VARTransformer
 import var_hf.modeling_var
 from var_hf.modeling_var import VARFloat8Linear, var_block_causal_attention, var_block_causal_mask
-from var_hf.sampling_var import filter_top_k_top_p_, sample_tokens
+from var_hf.sampling_var import filter_top_k_top_p_, generator_on_device, sample_tokens, sampling_generator
 from var_hf.training_var import compile_transformer_blocks
 from var_hf.vq_var import vq_conv_to_rgb, vq_group_norm_channels_last, vq_upsample_conv
 
@@ -39,6 +39,38 @@ def test_sample_tokens_draws_what_multinomial_draws(seed):
     assert torch.equal(drawn, expected)
     assert torch.equal(first.get_state(), second.get_state())  # the generator moved on exactly as upstream's did
     assert torch.isfinite(logits.gather(-1, drawn.unsqueeze(-1))).all()  # never a filtered-out token
+
+
+def test_generator_on_device_is_seeded_by_one_draw_of_the_given_generator():
+    given, replica = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    derived = generator_on_device(given, "cpu")
+    expected_seed = int(torch.randint(0, 2**63 - 1, (), generator=replica))
+    assert torch.equal(given.get_state(), replica.get_state())  # advanced by exactly that one draw
+    expected = torch.Generator().manual_seed(expected_seed)
+    assert torch.equal(torch.rand(1000, generator=derived), torch.rand(1000, generator=expected))
+    again = generator_on_device(torch.Generator().manual_seed(7), "cpu")
+    assert again.initial_seed() == derived.initial_seed() == expected_seed  # same seed, same stream
+    assert generator_on_device(given, "cpu").initial_seed() != expected_seed  # the next call, a new stream
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_dtypes_keep_a_generator_on_another_device(dtype):
+    """Float32 draws from the given generator wherever it lives (a CPU generator reproduces the CPU's samples)."""
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    assert sampling_generator(generator, torch.device("cuda"), dtype) is generator
+    assert torch.equal(generator.get_state(), state)  # nothing drawn from it
+    assert sampling_generator(None, torch.device("cuda"), torch.bfloat16) is None
+    assert sampling_generator(generator, torch.device("cpu"), torch.bfloat16) is generator  # already on the device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_half_precision_on_cuda_draws_on_the_gpu_from_a_cpu_generators_seed():
+    pipe = VARPipeline.from_pretrained(DEFAULT_MODEL, dtype=torch.bfloat16).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=torch.Generator().manual_seed(5)))
+    expected = pipe(class_labels=[3, 5], generator=torch.Generator("cuda").manual_seed(seed), output_type="pt")
+    _assert_same(_sample(pipe, [3, 5], 5), expected)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from diffusers.utils import BaseOutput, logging
 from .modeling_var import VARTransformer, compile_transformer_blocks, var_allow_recompiles
 from .hub import UPLOAD_ALLOW_PATTERNS
 from .safety import check_folder_has_no_pickles
-from .sampling_var import gumbel_soft_embedding, guided_filtered_logits, sample_tokens
+from .sampling_var import gumbel_soft_embedding, guided_filtered_logits, sample_tokens, sampling_generator
 from .vq_var import MultiScaleVQModel, compile_vq_decoder
 
 logger = logging.get_logger(__name__)  # pylint: disable=invalid-name
@@ -179,8 +179,8 @@ class VARPipeline(DiffusionPipeline):
           mode beside bfloat16, not the reference. `compile(float8=False)` switches it off again.
 
         Compiled kernels round differently from eager ones, so compiled float32 results are within float tolerance of
-        the reference path, not bit-identical; `cuda_graphs` alone changes nothing. Use a generator on the pipeline's
-        device (`torch.Generator("cuda")`) for speed: a CPU generator draws every scale's random numbers on the CPU.
+        the reference path, not bit-identical; `cuda_graphs` alone changes nothing. Random numbers are drawn on the
+        pipeline's device except for a float32 pipeline given a generator on another device (see `generator`).
         `compile_kwargs` go to `torch.compile`. Returns the pipeline, so `.to("cuda").compile()` chains.
         """
         self._use_sampling_graphs = cuda_graphs
@@ -396,6 +396,9 @@ class VARPipeline(DiffusionPipeline):
             more_smooth: Gumbel-softmax soft tokens for smoother pictures (visualisation only, not for FID).
             num_images_per_prompt: images per class label.
             generator: one `torch.Generator`; seeded, it reproduces upstream's `g_seed` samples exactly in float32.
+                In float32 a generator on another device than the pipeline's draws the random numbers there (a CPU
+                generator gives the CPU's samples on any device, slowly); in bfloat16/float16 the pipeline draws them on
+                its own device from a seed taken from the generator (reproducible per seed, device and dtype).
             output_type: "pil", "np" ((B, H, W, 3) in [0, 1]) or "pt" ((B, 3, H, W) in [0, 1]).
             return_dict: return a [`VARPipelineOutput`] instead of a tuple `(images, scale_indices)`.
             image: the image(s) to edit, in [0, 1] (PIL, numpy (B, H, W, 3) or tensor (B, 3, H, W)), at the model's
@@ -420,12 +423,14 @@ class VARPipeline(DiffusionPipeline):
         config = transformer.config
         device = self._execution_device
         editing = image is not None
+        generator = sampling_generator(generator, device, transformer.dtype)  # half precision: drawn on `device`
         if generator is not None and generator.device.type != device.type and not getattr(self, "_warned_generator_device", False):
             self._warned_generator_device = True
             logger.warning(
-                f"The generator is on {generator.device.type} and the pipeline on {device.type}: every scale's random numbers "
-                f"are drawn on {generator.device.type} and copied over (reproducible across devices, but slow). For speed pass "
-                f"torch.Generator('{device.type}').manual_seed(seed), as upstream's g_seed does."
+                f"The generator is on {generator.device.type} and the pipeline on {device.type}: in {transformer.dtype} "
+                f"every scale's random numbers are drawn on {generator.device.type} and copied over (reproducible "
+                f"across devices, but slow). For speed pass torch.Generator('{device.type}').manual_seed(seed), "
+                f"as upstream's g_seed does, or load the pipeline in bfloat16."
             )
 
         # 2. Class labels (+ the null class for classifier-free guidance, batch doubled)

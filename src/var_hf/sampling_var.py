@@ -50,6 +50,30 @@ def draw_exponential_(noise: torch.Tensor, generator: torch.Generator | None = N
     return noise.exponential_(1, generator=generator)
 
 
+def generator_on_device(generator: torch.Generator, device: torch.device | str) -> torch.Generator:
+    """
+    A generator on `device` seeded with one 64-bit number drawn from `generator` (which advances by that one draw): the
+    same seeded `generator` gives the same stream on `device`, without drawing the run's random numbers on its own device.
+    """
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, device=generator.device))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def sampling_generator(generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Generator | None:
+    """
+    The generator a sampling run on `device` in `dtype` draws from. Float32 (reference mode) keeps the given one, even
+    on another device: a CPU generator then gives the CPU's random numbers anywhere (B·L·V of them per run, seconds on
+    a CPU at batch 64). In half precision, where tokens are not the reference's anyway, a generator on another device is
+    replaced by [`generator_on_device`] (fast, reproducible per seed, device and dtype).
+    """
+    device = torch.device(device)
+    if generator is None or generator.device.type == device.type or device.type == "meta":
+        return generator
+    if dtype in (torch.bfloat16, torch.float16):
+        return generator_on_device(generator, device)
+    return generator
+
+
 def sample_tokens_with_noise(logits: torch.Tensor, noise: torch.Tensor) -> torch.LongTensor:
     """(B, l, V) logits and Exp(1) noise (B·l, V) -> tokens argmax(softmax(logits) / noise), (B, l): a categorical draw."""
     batch, length, vocab = logits.shape
@@ -85,6 +109,6 @@ def gumbel_soft_embedding(
 
 
 __all__ = [
-    "guidance_weight", "apply_guidance", "guided_filtered_logits", "filter_top_k_top_p_", "draw_exponential_",
+    "guidance_weight", "apply_guidance", "guided_filtered_logits", "filter_top_k_top_p_", "draw_exponential_", "generator_on_device", "sampling_generator",
     "sample_tokens_with_noise", "sample_tokens", "gumbel_soft_embedding",
 ]

@@ -11,7 +11,8 @@ for one seed are compared with the plain pipeline's.
 With `--upstream PATH` (a checkout of FoundationVision/VAR, never committed) the upstream model is built with its
 own code, randomly initialised, converted with our converter, and both are timed alternately in the same process
 as a user calls them: upstream under its demo settings (fp16 autocast on CUDA, fp32 on the CPU), ours through the
-public pipeline with `dtype`. In float32 both must draw the same tokens, which is checked. Prints and writes JSON.
+public pipeline with `dtype`. In float32 both must draw the same tokens (generators on the same device), which is
+checked. Prints and writes JSON.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
                         help="pipeline variants timed one after the other on the same weights: eager, graphs (static "
                              "buffers + CUDA graphs), compiled (pipe.compile()), float8 (pipe.compile(float8=True))")
+    parser.add_argument("--generator", default="device", choices=["device", "cpu"],
+                        help="our generator: on the pipeline's device (as upstream's g_seed), or the contract's "
+                             "torch.Generator() on the CPU (half precision then seeds a device generator from it)")
     parser.add_argument("--profile", default=None, help="profile one call per batch size (last variant), tables written to PREFIX_b{batch}.txt")
     parser.add_argument("--output", default=None, help="JSON file to write")
     return parser.parse_args(argv)
@@ -188,7 +192,7 @@ def main(argv=None):
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda and args.dtype != "fp32" else contextlib.nullcontext()
 
     def ours_call(batch_labels, seed):
-        generator = torch.Generator(device=args.device).manual_seed(seed)
+        generator = torch.Generator(device=args.device if args.generator == "device" else "cpu").manual_seed(seed)
         return pipe(class_labels=batch_labels, generator=generator, output_type="pt", **sample_kwargs)
 
     def upstream_call(batch_labels, seed):
@@ -242,7 +246,7 @@ def main(argv=None):
             table = profile_call(lambda: ours_call(labels, 1), f"{args.profile}_b{batch}.txt", args.device)
             print("\n".join(table.splitlines()[:14]))
 
-    if upstream is not None and args.dtype == "fp32":
+    if upstream is not None and args.dtype == "fp32" and (args.generator == "device" or not cuda):
         # Reference mode: identical tokens from the same seed (upstream keeps the generator on its device).
         theirs = upstream_call(check_labels, 5)
         out = checks.get("eager") or ours_call(check_labels, 5)
@@ -252,7 +256,7 @@ def main(argv=None):
 
     commit = bench_commit()
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
-    report = {"benchmark": "sampling", "depth": args.depth, "resolution": args.resolution, "dtype": args.dtype,
+    report = {"benchmark": "sampling", "depth": args.depth, "resolution": args.resolution, "dtype": args.dtype, "generator": args.generator,
               "device": device_name, "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d"),
               "results": results}
     if args.output:
