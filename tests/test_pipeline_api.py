@@ -11,7 +11,9 @@ import torch
 from conftest import golden_files
 from safetensors.torch import load_file
 
+from diffusers.image_processor import VaeImageProcessor
 from var_hf import DEFAULT_MODEL, MultiScaleVQModel, VARConfig, VARPipeline, VARTransformer
+from var_hf.pipeline_var import images_to_pil
 
 NAME = "var_tiny_64"
 
@@ -36,8 +38,9 @@ def test_output_types_agree(pipe):
     assert isinstance(np_images, np.ndarray) and np_images.shape == (2, 64, 64, 3)
     np.testing.assert_allclose(np_images, pt.images.permute(0, 2, 3, 1).numpy(), atol=1e-6)
     assert all(isinstance(im, PIL.Image.Image) and im.size == (64, 64) for im in pil)
-    # diffusers' numpy_to_pil rounds to the nearest level
-    np.testing.assert_array_equal(np.asarray(pil[0]), (np_images[0] * 255).round().astype(np.uint8))
+    # quantised on the device exactly as diffusers' numpy_to_pil does on the host (nearest level)
+    for ours, theirs in zip(pil, VaeImageProcessor.numpy_to_pil(np_images)):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
     assert [t.shape for t in pt.scale_indices] == [(2, pn * pn) for pn in (1, 2, 3, 4)]
     images, tokens = sample(pipe, class_labels=[1, 2], output_type="pt", return_dict=False)
     torch.testing.assert_close(images, pt.images, atol=0, rtol=0)
@@ -71,6 +74,17 @@ def test_class_names_and_ids(pipe):
     by_id = sample(pipe, class_labels=[7, 7], output_type="pt")
     assert torch.equal(by_name.images, by_id.images)
     assert pipe.get_label_ids("3") == [3]
+
+
+def test_images_to_pil_quantises_as_diffusers():
+    generator = torch.Generator().manual_seed(0)
+    halves = torch.arange(511, dtype=torch.float32) / 510  # x·255 on (and beside) every half level: ties round to even
+    images = torch.cat([torch.rand(3 * 64 * 64 - 511, generator=generator), halves]).reshape(1, 3, 64, 64)
+    images = torch.cat([images, images.flip(-1).clamp(0, 1)])
+    expected = VaeImageProcessor.numpy_to_pil(images.permute(0, 2, 3, 1).numpy())
+    for ours, theirs in zip(images_to_pil(images), expected, strict=True):
+        assert ours.mode == theirs.mode == "RGB" and ours.size == theirs.size == (64, 64)
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
 
 
 def test_imagenet_names_split_on_commas():

@@ -54,6 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--generator", default="device", choices=["device", "cpu"],
                         help="our generator: on the pipeline's device (as upstream's g_seed), or the contract's "
                              "torch.Generator() on the CPU (half precision then seeds a device generator from it)")
+    parser.add_argument("--output-type", default="pt", choices=["pt", "np", "pil"], help="our pipeline's output_type")
     parser.add_argument("--profile", default=None, help="profile one call per batch size (last variant), tables written to PREFIX_b{batch}.txt")
     parser.add_argument("--output", default=None, help="JSON file to write")
     return parser.parse_args(argv)
@@ -191,9 +192,9 @@ def main(argv=None):
     sample_kwargs = dict(guidance_scale=1.5, top_k=900, top_p=0.96)
     autocast = torch.autocast("cuda", dtype=torch.float16) if cuda and args.dtype != "fp32" else contextlib.nullcontext()
 
-    def ours_call(batch_labels, seed):
+    def ours_call(batch_labels, seed, output_type=None):
         generator = torch.Generator(device=args.device if args.generator == "device" else "cpu").manual_seed(seed)
-        return pipe(class_labels=batch_labels, generator=generator, output_type="pt", **sample_kwargs)
+        return pipe(class_labels=batch_labels, generator=generator, output_type=output_type or args.output_type, **sample_kwargs)
 
     def upstream_call(batch_labels, seed):
         label_tensor = torch.tensor(batch_labels, device=args.device)
@@ -227,7 +228,7 @@ def main(argv=None):
             results.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if not k.endswith("all_s")}), flush=True)
         # Same seed, same weights: each variant's tokens, compared with the plain pipeline's below.
-        checks[variant] = ours_call(check_labels, 5)
+        checks[variant] = ours_call(check_labels, 5, "pt")
     if "eager" in checks:
         reference = checks["eager"]
         for variant, out in checks.items():
@@ -249,7 +250,7 @@ def main(argv=None):
     if upstream is not None and args.dtype == "fp32" and (args.generator == "device" or not cuda):
         # Reference mode: identical tokens from the same seed (upstream keeps the generator on its device).
         theirs = upstream_call(check_labels, 5)
-        out = checks.get("eager") or ours_call(check_labels, 5)
+        out = checks.get("eager") or ours_call(check_labels, 5, "pt")
         row = {"check": "reference_mode_vs_upstream", "max_image_diff": float((out.images - theirs).abs().max())}
         print(json.dumps(row), flush=True)
         results.append(row)
@@ -257,6 +258,7 @@ def main(argv=None):
     commit = bench_commit()
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     report = {"benchmark": "sampling", "depth": args.depth, "resolution": args.resolution, "dtype": args.dtype, "generator": args.generator,
+              "output_type": args.output_type,
               "device": device_name, "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d"),
               "results": results}
     if args.output:

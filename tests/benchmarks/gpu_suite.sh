@@ -7,8 +7,8 @@
 # sampling_d30 180 s, training_d16 200 s, training_d30_memory 70 s (only with MEMORY=1): at most 13-14 minutes in all,
 # so on a 10-minute device call run it in two (PHASES="draw_check decoder sampling_d16" — at most 7 minutes —, then
 # PHASES="sampling_d30 training_d16").
-# sampling_d30 calls ours with the contract's CPU generator (torch.Generator().manual_seed(seed)), sampling_d16 with one
-# on the GPU. Needs an upstream checkout (FoundationVision/VAR, never committed) at $UPSTREAM. Results: $OUT/*.json, logs, profiles.
+# sampling_d30 calls ours as the contract does (a CPU generator, torch.Generator().manual_seed(seed), and PIL images),
+# sampling_d16 with a generator on the GPU and tensors out. Needs an upstream checkout (FoundationVision/VAR, never committed) at $UPSTREAM. Results: $OUT/*.json, logs, profiles.
 set -uo pipefail
 OUT=${OUT:-bench-out}; UPSTREAM=${UPSTREAM:-upstream}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -35,7 +35,7 @@ phase decoder 150 python3 $B/bench_decoder.py --batch-size 64 --dtype bf16 --ups
 phase sampling_d16 240 python3 $B/bench_sampling.py --depth 16 --batch-sizes 64 1 --dtype bf16 --upstream "$UPSTREAM" \
   --variants eager compiled float8 --repeats 5 --warmup 2 --profile "$OUT/profile_d16" --output "$OUT/sampling_d16.json" "${S[@]}"
 phase sampling_d30 180 python3 $B/bench_sampling.py --depth 30 --batch-sizes 64 --dtype bf16 --upstream "$UPSTREAM" \
-  --variants compiled float8 --repeats 3 --warmup 1 --generator cpu --profile "$OUT/profile_d30" --output "$OUT/sampling_d30.json" "${S[@]}"
+  --variants compiled float8 --repeats 3 --warmup 1 --generator cpu --output-type pil --profile "$OUT/profile_d30" --output "$OUT/sampling_d30.json" "${S[@]}"
 phase training_d16 200 python3 $B/bench_training.py --depth 16 --batch-size 32 --dtype bf16 --upstream "$UPSTREAM" \
   --upstream-with-tokenizer --compile --steps 6 --warmup 2 --output "$OUT/training_d16.json" "${T[@]}"
 if [[ "${MEMORY:-0}" == 1 ]]; then
