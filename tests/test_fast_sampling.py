@@ -120,6 +120,25 @@ def test_static_scale_runner_is_bit_identical_to_eager():
     assert pipe._sampling_graphs is not runner
 
 
+def test_static_buffers_survive_calls_inside_and_outside_inference_mode():
+    """Upstream's demo samples under `torch.inference_mode()`: buffers first allocated there must still take the next
+    call's values outside it (and the other way round)."""
+    pipe = VARPipeline.from_pretrained(DEFAULT_MODEL, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    mask = torch.ones(8, 8)
+    mask[:4] = 0
+    expected = [_sample(pipe, [1, 2], seed) for seed in (0, 1)]
+    expected_edit = _sample(pipe, [3], 2, image=expected[0].images[:1], edit_mask=mask)
+    pipe.compile(cuda_graphs=True, compile_transformer=False, compile_decoder=False)
+    with torch.inference_mode():
+        _assert_same(_sample(pipe, [1, 2], 0), expected[0])
+    _assert_same(_sample(pipe, [1, 2], 1), expected[1])
+    with torch.inference_mode():
+        _assert_same(_sample(pipe, [3], 2, image=expected[0].images[:1], edit_mask=mask), expected_edit)
+    _assert_same(_sample(pipe, [3], 2, image=expected[0].images[:1], edit_mask=mask), expected_edit)
+    _assert_same(_sample(pipe, [1, 2], 0), expected[0])
+
+
 class ReplayingGraph:
     """Stands in for a CUDA graph on the CPU: `replay()` reruns the captured function and writes its results into the
     outputs of the capture, as a real graph rewrites its static output buffers."""

@@ -45,11 +45,14 @@ class VARSamplingGraphs:
         self.fingerprint = weights_fingerprint(transformer)
         self.batch_rows, self.dtype, self.device = batch_rows, dtype, torch.device(device)
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
-        transformer.setup_kv_cache(batch_rows, dtype=dtype, device=device)
-        self.kv_caches = [layer.attn.kv_cache for layer in transformer.layers]
-        self.class_embeds = torch.zeros(batch_rows, config.hidden_size, dtype=dtype, device=device)  # (2B, C)
-        self.condition = torch.zeros_like(transformer.adaln_condition(self.class_embeds))  # (2B, C) or (2B, 1, 6, C)
-        self.modulations = [torch.zeros_like(m) for m in transformer.block_modulations(self.condition)]  # (2B, 1, 6, C) each
+        # Buffers written by later calls are normal tensors even when the first call runs under `torch.inference_mode()`
+        # (an inference tensor cannot be updated in place outside it).
+        with torch.inference_mode(False):
+            transformer.setup_kv_cache(batch_rows, dtype=dtype, device=device)
+            self.kv_caches = [layer.attn.kv_cache for layer in transformer.layers]
+            self.class_embeds = torch.zeros(batch_rows, config.hidden_size, dtype=dtype, device=device)  # (2B, C)
+            self.condition = torch.zeros_like(transformer.adaln_condition(self.class_embeds))  # (2B, C) or (2B, 1, 6, C)
+            self.modulations = [torch.zeros_like(m) for m in transformer.block_modulations(self.condition)]  # (2B, 1, 6, C) each
         # One graph per transformer step (captured on the first `step`), with its static inputs and logits.
         self.scale_inputs: list[torch.Tensor] | None = None
         self.scale_graphs: list[torch.cuda.CUDAGraph] | None = None
@@ -101,9 +104,10 @@ class VARSamplingGraphs:
     @torch.no_grad()
     def _capture_steps(self) -> None:
         config = self.transformer.config
-        self.scale_inputs = [
-            torch.zeros(self.batch_rows, pn * pn, config.hidden_size, dtype=self.dtype, device=self.device) for pn in config.patch_nums
-        ]
+        with torch.inference_mode(False):  # written by every later call (see __init__)
+            self.scale_inputs = [
+                torch.zeros(self.batch_rows, pn * pn, config.hidden_size, dtype=self.dtype, device=self.device) for pn in config.patch_nums
+            ]
         self.attach()
         graphs, logits = [], []
         for si, inputs in enumerate(self.scale_inputs):
@@ -159,7 +163,8 @@ class VARSamplingGraphs:
             self.run_settings, self.vqvae = settings, vqvae
         if self.noise is None:  # Exp(1) noise of every scale's draw, (B·pn², V) float32 each
             vocab, batch = config.codebook_size, self.batch_rows // 2
-            self.noise = [torch.empty(batch * pn * pn, vocab, dtype=torch.float32, device=self.device) for pn in config.patch_nums]
+            with torch.inference_mode(False):  # written by every later call (see __init__)
+                self.noise = [torch.empty(batch * pn * pn, vocab, dtype=torch.float32, device=self.device) for pn in config.patch_nums]
         for noise in self.noise:
             draw_exponential_(noise, generator)
         if not self.use_cuda_graphs:
