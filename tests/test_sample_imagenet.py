@@ -55,3 +55,27 @@ def test_two_processes_give_the_same_samples(tmp_path):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_array_equal(np.load(tmp_path / "two" / "samples.npz")["arr_0"], np.load(tmp_path / "one" / "samples.npz")["arr_0"])
+
+
+def test_a_failed_png_write_stops_the_run_and_a_rerun_completes_it(tmp_path, monkeypatch):
+    """PNGs are written by worker threads: their errors must reach the caller, not vanish with the thread."""
+    args = ["--output_dir", str(tmp_path / "run"), "--num_per_class", "2", "--classes", "2", "5", "--batch_size", "1", "--seed", "3"]
+    real_save = sample_imagenet.save_png
+
+    def save_failing_once(image, path):
+        if path.name == "000002.png":
+            raise OSError("No space left on device")
+        real_save(image, path)
+
+    monkeypatch.setattr(sample_imagenet, "save_png", save_failing_once)
+    try:
+        sample_imagenet.main(args)
+    except OSError as error:
+        assert "No space left" in str(error)
+    else:
+        raise AssertionError("the failed write must stop the run")
+    assert not (tmp_path / "run" / "images" / "000002.png").exists()
+    monkeypatch.setattr(sample_imagenet, "save_png", real_save)
+    rerun = sample_imagenet.main(args)
+    assert 1 <= rerun["made"] < 4  # only what was not written is sampled again
+    assert np.load(tmp_path / "run" / "samples.npz")["arr_0"].shape == (4, 32, 32, 3)
