@@ -28,6 +28,7 @@ import random
 import shlex
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -574,6 +575,7 @@ def main(args: list[str] | argparse.Namespace | None = None) -> dict:
     losses: list[float] = []
     micro = 0  # micro-batches since the last optimizer step
     unwrapped = accelerator.unwrap_model(transformer)
+    step_started = time.perf_counter()  # images/s: global batch over the wall time of each optimizer step
 
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
@@ -623,21 +625,22 @@ def main(args: list[str] | argparse.Namespace | None = None) -> dict:
                 continue
 
             # ---- one optimizer step done
-            stats = accelerator.reduce(running / micro, reduction="mean").tolist()
+            stats = accelerator.reduce(running / micro, reduction="mean").tolist()  # waits for the step
+            img_per_s = global_batch / (time.perf_counter() - step_started)
             running.zero_()
             micro = 0
             global_step += 1
             progress_bar.update(1)
             if ema is not None:
                 ema.step(unwrapped.parameters())
-            logs = {"loss": stats[0], "loss_tail": stats[1], "acc": stats[2], "acc_tail": stats[3], "lr": lr, "weight_decay": wd}
+            logs = {"loss": stats[0], "loss_tail": stats[1], "acc": stats[2], "acc_tail": stats[3], "lr": lr, "weight_decay": wd, "img_per_s": img_per_s}
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
             if args.progressive_fraction > 0:
                 logs["progressive_scale"] = prog_si if prog_si >= 0 else len(patch_nums) - 1
             losses.append(stats[0])
             accelerator.log(logs, step=global_step)
-            progress_bar.set_postfix(loss=f"{stats[0]:.4f}", lr=f"{lr:.2e}")
+            progress_bar.set_postfix(loss=f"{stats[0]:.4f}", lr=f"{lr:.2e}", img_per_s=f"{img_per_s:.1f}")
             if accelerator.is_main_process:
                 with open(metrics_file, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"step": global_step, **logs}) + "\n")
@@ -655,6 +658,7 @@ def main(args: list[str] | argparse.Namespace | None = None) -> dict:
                 accelerator.wait_for_everyone()
             if global_step >= max_train_steps:
                 break
+            step_started = time.perf_counter()  # checkpoints and sample grids are not training time
     progress_bar.close()
 
     # 5. Export the pipeline (safetensors + model card only), optionally push it

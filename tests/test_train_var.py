@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -437,11 +438,16 @@ def test_two_cpu_processes_with_accelerate_launch(golden_pipe, image_dir, tmp_pa
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
         str(SCRIPT), *base_args(golden_pipe, image_dir, out, **{"--max_train_steps": "4", "--checkpointing_steps": "2", "--cache_tokens": str(tmp_path / "cache")}),
     ]
+    started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV)
+    wall_s = time.perf_counter() - started
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     log = proc.stdout + proc.stderr
     assert "Num processes: 2" in log and "gloo" in log
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    # images/s of each step counts the global batch (2 processes × 2): the steps' times fit in the launch's wall time
+    step_seconds = [2 * 2 / m["img_per_s"] for m in metrics(out)]
+    assert all(s > 0 for s in step_seconds) and sum(step_seconds) < wall_s
     assert {p.name for p in (out / "checkpoints" / "checkpoint-4").iterdir()} >= {"model.safetensors", "random_states_0.pkl", "random_states_1.pkl"}
     assert len(json.loads((tmp_path / "cache" / "cache_info.json").read_text())["shards"]) == 2  # each rank encoded its share
     pipe = VARPipeline.from_pretrained(out / "pipeline", dtype=torch.float32)
