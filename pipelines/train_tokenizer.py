@@ -39,6 +39,7 @@ import math
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -541,6 +542,8 @@ def main(argv=None) -> dict:
         accelerator.log(initial_val_metrics, step=0)
     step_hits = torch.zeros(vq.config.codebook_size, device=accelerator.device)
     candidates = None
+    images_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    step_started = time.perf_counter()  # images/s: images of an optimizer step over its wall time
 
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
@@ -608,6 +611,7 @@ def main(argv=None) -> dict:
                 continue
             global_step += 1
             progress.update(1)
+            logs["img_per_s"] = images_per_step / (time.perf_counter() - step_started)  # the losses' .item() waited for the step
 
             # codebook usage and dead codes (identical on every process: hits are summed over processes)
             hits = accelerator.reduce(step_hits, reduction="sum") if accelerator.num_processes > 1 else step_hits
@@ -626,7 +630,7 @@ def main(argv=None) -> dict:
             logs["codebook/restarted"] = restarted
             logs["codebook/total_restarts"] = usage.total_restarts
             logs["lr"] = lr_scheduler.get_last_lr()[0]
-            progress.set_postfix(mse=f"{logs['loss/mse']:.4f}", vq=f"{logs['loss/vq']:.4f}", usage=f"{logs['codebook/usage']:.2f}")
+            progress.set_postfix(mse=f"{logs['loss/mse']:.4f}", vq=f"{logs['loss/vq']:.4f}", usage=f"{logs['codebook/usage']:.2f}", img_per_s=f"{logs['img_per_s']:.1f}")
 
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args, output_dir, global_step, usage)
@@ -638,6 +642,7 @@ def main(argv=None) -> dict:
                 del logs[key]
             if global_step >= max_train_steps:
                 break
+            step_started = time.perf_counter()  # checkpoints and validation are not training time
 
     # ------------------------------------------------------------------ export
     accelerator.wait_for_everyone()

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -183,12 +184,15 @@ def test_training_lowers_error_below_mean_colour_and_exports_safetensors(recipe,
     train_dir, val_dir = photo_crops
     out = tmp_path / "tok"
     logging.disable(logging.INFO)
+    started = time.perf_counter()
     result = recipe.main([
         "--train_data_dir", str(train_dir), "--validation_data_dir", str(val_dir), "--num_validation_images", "16",
         "--output_dir", str(out), *TINY, "--train_batch_size", "8", "--max_train_steps", "100", "--learning_rate", "3e-4",
         "--dead_code_steps", "10", "--seed", "0", "--checkpointing_steps", "0", "--validation_steps", "50",
     ])
     assert result["global_step"] == 100
+    whole_run_img_per_s = 100 * 8 / (time.perf_counter() - started)  # setup, validations and export included
+    assert whole_run_img_per_s / 3 < result["logs"]["img_per_s"] < 20 * whole_run_img_per_s  # the last step's rate
 
     # export: only json + safetensors at the top level, reloadable with from_pretrained
     top_files = sorted(p.name for p in out.iterdir() if p.is_file())
