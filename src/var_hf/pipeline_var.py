@@ -35,6 +35,7 @@ EXAMPLE_DOC_STRING = """
         ```
 """
 
+
 def images_to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
     """
     (B, 3, H, W) images in [0, 1] -> PIL images, quantised exactly as diffusers' `numpy_to_pil` does (x·255 rounded half
