@@ -3,9 +3,9 @@
 #   OUT=results/ UPSTREAM=upstream/ bash tests/benchmarks/gpu_suite.sh
 #   PHASES="decoder sampling_d16" OUT=... bash tests/benchmarks/gpu_suite.sh   # some phases only (one device call each)
 #   SMOKE=1 OUT=/tmp/suite bash tests/benchmarks/gpu_suite.sh     # tiny models on the CPU: checks the script itself
-# Phases and limits: draw_check 30 s, decoder 150 s (a cold compile of the decoder), sampling_d16 240 s,
+# Phases and limits: draw_check 60 s (the draw and the sampler checks), decoder 150 s (a cold compile of the decoder), sampling_d16 240 s,
 # sampling_d30 180 s, training_d16 200 s, training_d30_memory 70 s (only with MEMORY=1): at most 13-14 minutes in all,
-# so on a 10-minute device call run it in two (PHASES="draw_check decoder sampling_d16" — at most 7 minutes —, then
+# so on a 10-minute device call run it in two (PHASES="draw_check decoder sampling_d16" — at most 7.5 minutes —, then
 # PHASES="sampling_d30 training_d16").
 # sampling_d30 calls ours as the contract does (a CPU generator, torch.Generator().manual_seed(seed), and PIL images),
 # sampling_d16 with a generator on the GPU and tensors out. Needs an upstream checkout (FoundationVision/VAR, never committed) at $UPSTREAM. Results: $OUT/*.json, logs, profiles.
@@ -29,7 +29,7 @@ phase() {  # phase NAME SECONDS COMMAND...
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 python3 -c "import torch, transformers, diffusers, accelerate; print(torch.__version__, transformers.__version__, diffusers.__version__, accelerate.__version__)"
-phase draw_check 30 python3 $B/check_sampling_draw.py "${D[@]}"
+phase draw_check 60 python3 $B/check_sampling_draw.py "${D[@]}"
 phase decoder 150 python3 $B/bench_decoder.py --batch-size 64 --dtype bf16 --upstream "$UPSTREAM" --repeats 5 \
   --profile "$OUT/profile_decoder" --output "$OUT/decoder.json" "${V[@]}"
 phase sampling_d16 240 python3 $B/bench_sampling.py --depth 16 --batch-sizes 64 1 --dtype bf16 --upstream "$UPSTREAM" \
