@@ -203,7 +203,13 @@ def build_model(args):
     source, subfolder = args.pretrained_model_name_or_path, args.subfolder
     if subfolder is None and Path(source).is_dir() and not (Path(source) / "config.json").is_file() and (Path(source) / "vqvae" / "config.json").is_file():
         subfolder = "vqvae"
-    config = MultiScaleVQModel.load_config(source, subfolder=subfolder, revision=args.revision)
+    try:
+        config = MultiScaleVQModel.load_config(source, subfolder=subfolder, revision=args.revision)
+    except EnvironmentError:
+        if subfolder is not None or Path(source).is_dir():
+            raise
+        subfolder = "vqvae"  # a pipeline repo on the Hub: the tokenizer lives in its vqvae/
+        config = MultiScaleVQModel.load_config(source, subfolder=subfolder, revision=args.revision)
     overrides = {}
     for name in ARCHITECTURE_DEFAULTS:
         value = getattr(args, name)

@@ -95,3 +95,14 @@ def test_repo_id_from_offline_cache(converted_pipelines, tmp_path, monkeypatch):
     assert pipe.transformer.config.num_hidden_layers == 2
     with pytest.raises(Exception):
         VARPipeline.from_pretrained("org/not-cached", cache_dir=str(cache))
+
+
+def test_the_packaged_card_template_is_the_repository_one():
+    """`model_card.md` at the repository root is the template users edit; the package ships it as
+    `var_hf/templates/model_card.md` (what `render_model_card` reads). The two must not drift apart."""
+    from pathlib import Path
+
+    from var_hf.model_card import TEMPLATE_PATH
+
+    root_template = Path(__file__).resolve().parents[1] / "model_card.md"
+    assert TEMPLATE_PATH.read_text() == root_template.read_text()

@@ -291,6 +291,31 @@ def test_adversarial_perceptual_and_push_to_hub(recipe, photo_crops, tmp_path, f
         recipe.main(["--train_data_dir", str(train_dir), "--output_dir", str(tmp_path / "deep"), *TINY, "--disc_weight", "1", "--disc_layers", "3"])
 
 
+def test_pretrained_start_from_a_pipeline_repo_on_the_hub(recipe, photo_crops, tmp_path, fake_hub):  # noqa: F811
+    """A Hub repo id of a whole pipeline: its tokenizer is found in vqvae/ (as for a local pipeline folder)."""
+    from huggingface_hub import HfApi
+
+    train_dir, _ = photo_crops
+    start = tiny_model(patch_nums=(1, 2, 4, 8))
+    start.save_pretrained(tmp_path / "pipe" / "vqvae")
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": "VARPipeline"}))
+    HfApi().create_repo("org/var-pipe")
+    HfApi().upload_folder(repo_id="org/var-pipe", folder_path=tmp_path / "pipe")
+    logging.disable(logging.INFO)
+    result = recipe.main([
+        "--train_data_dir", str(train_dir), "--pretrained_model_name_or_path", "org/var-pipe", "--output_dir", str(tmp_path / "out"),
+        "--train_batch_size", "4", "--max_train_steps", "1", "--report_to", "none", "--checkpointing_steps", "0",
+        "--validation_steps", "0", "--num_validation_images", "2",
+    ])
+    assert result["global_step"] == 1
+    trained = MultiScaleVQModel.from_pretrained(tmp_path / "out")
+    assert trained.config.codebook_size == start.config.codebook_size and trained.patch_nums == [1, 2, 4, 8]
+    torch.testing.assert_close(trained.quantizer.embedding.weight, start.quantizer.embedding.weight, atol=0.05, rtol=0)  # started from it
+    with pytest.raises(EnvironmentError):  # a repo without a tokenizer anywhere still fails clearly
+        recipe.main(["--train_data_dir", str(train_dir), "--pretrained_model_name_or_path", "org/no-such-repo",
+                     "--output_dir", str(tmp_path / "none"), "--report_to", "none"])
+
+
 def test_datasets_source_and_pretrained_start(recipe, photo_crops, tmp_path):
     datasets = pytest.importorskip("datasets")
     train_dir, _ = photo_crops
