@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
             out = pipe(class_labels=labels[batch.start : batch.stop].tolist(), guidance_scale=args.guidance_scale,
                        top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth, generator=generator, output_type="pil")
             writing.append([writer.submit(save_png, image, png_path(image_dir, index)) for index, image in zip(batch, out.images)])
-            while len(writing) > 2:  # at most two batches' images held in memory while they are written
+            while len(writing) > 2:  # at most three batches' images queued while the next one samples
                 for future in writing.popleft():
                     future.result()  # raises what the write raised
             made += len(batch)

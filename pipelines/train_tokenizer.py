@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_validation_images", type=int, default=8)
 
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Start from an existing tokenizer (folder or Hub id; a pipeline folder's vqvae/ is found automatically).")
+    g.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Start from an existing tokenizer (folder or Hub id; a pipeline's vqvae/, in a folder or a Hub repo, is found automatically).")
     g.add_argument("--subfolder", type=str, default=None, help="Subfolder of --pretrained_model_name_or_path holding the tokenizer.")
     g.add_argument("--revision", type=str, default=None)
     g.add_argument("--codebook_size", type=int, default=None, help="Vocabulary V (default 4096).")
@@ -182,6 +182,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------------- model
+
+def hub_pipeline_holds_tokenizer(repo_id: str, revision: str | None) -> bool:
+    """Whether Hub repo `repo_id` is a pipeline with a tokenizer in vqvae/ (False when that cannot be told)."""
+    from huggingface_hub import file_exists
+
+    try:
+        return file_exists(repo_id, "vqvae/config.json", revision=revision) and not file_exists(repo_id, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001  (offline, no such repo, no access: the original error is the one to show)
+        return False
+
 def build_model(args):
     from var_hf import MultiScaleVQModel
 
@@ -206,7 +216,7 @@ def build_model(args):
     try:
         config = MultiScaleVQModel.load_config(source, subfolder=subfolder, revision=args.revision)
     except EnvironmentError:
-        if subfolder is not None or Path(source).is_dir():
+        if subfolder is not None or Path(source).is_dir() or not hub_pipeline_holds_tokenizer(source, args.revision):
             raise
         subfolder = "vqvae"  # a pipeline repo on the Hub: the tokenizer lives in its vqvae/
         config = MultiScaleVQModel.load_config(source, subfolder=subfolder, revision=args.revision)
@@ -548,8 +558,7 @@ def main(argv=None) -> dict:
         accelerator.log(initial_val_metrics, step=0)
     step_hits = torch.zeros(vq.config.codebook_size, device=accelerator.device)
     candidates = None
-    images_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    step_started = time.perf_counter()  # images/s: images of an optimizer step over its wall time
+    step_started, step_images = time.perf_counter(), 0  # images/s of each optimizer step (its wall time)
 
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
@@ -564,6 +573,7 @@ def main(argv=None) -> dict:
             models = (trainer, disc) if use_disc else (trainer,)
             with accelerator.accumulate(*models):
                 images = batch["pixel_values"]
+                step_images += images.shape[0]
                 out = trainer(images)
                 reconstruction = out["reconstruction"]
                 rec_loss = reconstruction_loss(reconstruction, images, args.l2_weight, args.l1_weight)
@@ -617,7 +627,8 @@ def main(argv=None) -> dict:
                 continue
             global_step += 1
             progress.update(1)
-            logs["img_per_s"] = images_per_step / (time.perf_counter() - step_started)  # the losses' .item() waited for the step
+            # the losses' .item() waited for the step; every process sees equally many images
+            logs["img_per_s"] = step_images * accelerator.num_processes / (time.perf_counter() - step_started)
 
             # codebook usage and dead codes (identical on every process: hits are summed over processes)
             hits = accelerator.reduce(step_hits, reduction="sum") if accelerator.num_processes > 1 else step_hits
@@ -648,7 +659,7 @@ def main(argv=None) -> dict:
                 del logs[key]
             if global_step >= max_train_steps:
                 break
-            step_started = time.perf_counter()  # checkpoints and validation are not training time
+            step_started, step_images = time.perf_counter(), 0  # checkpoints and validation are not training time
 
     # ------------------------------------------------------------------ export
     accelerator.wait_for_everyone()

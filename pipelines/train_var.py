@@ -575,7 +575,7 @@ def main(args: list[str] | argparse.Namespace | None = None) -> dict:
     losses: list[float] = []
     micro = 0  # micro-batches since the last optimizer step
     unwrapped = accelerator.unwrap_model(transformer)
-    step_started = time.perf_counter()  # images/s: global batch over the wall time of each optimizer step
+    step_started, step_images = time.perf_counter(), 0  # images/s of each optimizer step (its wall time)
 
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
@@ -592,6 +592,7 @@ def main(args: list[str] | argparse.Namespace | None = None) -> dict:
                 # Randomness of this micro-batch (label dropout, drop path) depends only on (seed, step, rank).
                 torch.manual_seed(step_seed(args.seed, global_step * args.gradient_accumulation_steps + micro, accelerator.process_index))
                 class_labels = batch["class_labels"].long()
+                step_images += class_labels.shape[0]
                 with torch.no_grad():
                     if "scale_indices" in batch:  # token cache
                         tokens = batch["scale_indices"].long()
@@ -626,7 +627,7 @@ def main(args: list[str] | argparse.Namespace | None = None) -> dict:
 
             # ---- one optimizer step done
             stats = accelerator.reduce(running / micro, reduction="mean").tolist()  # waits for the step
-            img_per_s = global_batch / (time.perf_counter() - step_started)
+            img_per_s = step_images * accelerator.num_processes / (time.perf_counter() - step_started)  # equal batches on every process
             running.zero_()
             micro = 0
             global_step += 1
@@ -658,7 +659,7 @@ def main(args: list[str] | argparse.Namespace | None = None) -> dict:
                 accelerator.wait_for_everyone()
             if global_step >= max_train_steps:
                 break
-            step_started = time.perf_counter()  # checkpoints and sample grids are not training time
+            step_started, step_images = time.perf_counter(), 0  # checkpoints and sample grids are not training time
     progress_bar.close()
 
     # 5. Export the pipeline (safetensors + model card only), optionally push it

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import var_hf.sampling_var
 import var_hf.vq_var
 from var_hf import DEFAULT_MODEL, MultiScaleVQModel, VARConfig, VARPipeline, VARTransformer
 import var_hf.modeling_var
@@ -53,15 +54,32 @@ def test_generator_on_device_is_seeded_by_one_draw_of_the_given_generator():
     assert generator_on_device(given, "cpu").initial_seed() != expected_seed  # the next call, a new stream
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_reference_dtypes_keep_a_generator_on_another_device(dtype):
-    """Float32 draws from the given generator wherever it lives (a CPU generator reproduces the CPU's samples)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_only_half_precision_draws_on_the_device_from_a_seed(dtype, monkeypatch):
+    """Float32 draws from the given generator wherever it lives (a CPU generator reproduces the CPU's samples); half
+    precision asks `generator_on_device` for a generator on the pipeline's device (stood in for here: no GPU)."""
+    asked = []
+    monkeypatch.setattr(var_hf.sampling_var, "generator_on_device", lambda generator, device: asked.append(device) or "device generator")
     generator = torch.Generator().manual_seed(3)
     state = generator.get_state()
-    assert sampling_generator(generator, torch.device("cuda"), dtype) is generator
-    assert torch.equal(generator.get_state(), state)  # nothing drawn from it
-    assert sampling_generator(None, torch.device("cuda"), torch.bfloat16) is None
-    assert sampling_generator(generator, torch.device("cpu"), torch.bfloat16) is generator  # already on the device
+    chosen = sampling_generator(generator, torch.device("cuda"), dtype)
+    if dtype in (torch.bfloat16, torch.float16):
+        assert chosen == "device generator" and asked == [torch.device("cuda")]
+    else:
+        assert chosen is generator and not asked and torch.equal(generator.get_state(), state)  # nothing drawn from it
+    assert sampling_generator(None, torch.device("cuda"), dtype) is None
+    assert sampling_generator(generator, torch.device("cpu"), dtype) is generator  # already on the device
+    assert sampling_generator(generator, torch.device("meta"), dtype) is generator
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a device type without generators: CUDA on a CPU-only build")
+def test_a_device_without_generators_keeps_the_given_one():
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    with pytest.raises(RuntimeError):
+        torch.Generator(device="cuda")
+    assert sampling_generator(generator, torch.device("cuda"), torch.bfloat16) is generator
+    assert torch.equal(generator.get_state(), state)  # nothing drawn before the failure
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

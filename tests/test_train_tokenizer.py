@@ -192,7 +192,7 @@ def test_training_lowers_error_below_mean_colour_and_exports_safetensors(recipe,
     ])
     assert result["global_step"] == 100
     whole_run_img_per_s = 100 * 8 / (time.perf_counter() - started)  # setup, validations and export included
-    assert whole_run_img_per_s / 3 < result["logs"]["img_per_s"] < 20 * whole_run_img_per_s  # the last step's rate
+    assert whole_run_img_per_s / 10 < result["logs"]["img_per_s"] < 50 * whole_run_img_per_s  # the last step's rate: sane units
 
     # export: only json + safetensors at the top level, reloadable with from_pretrained
     top_files = sorted(p.name for p in out.iterdir() if p.is_file())

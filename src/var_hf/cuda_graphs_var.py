@@ -47,7 +47,7 @@ class VARSamplingGraphs:
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         # Buffers written by later calls are normal tensors even when the first call runs under `torch.inference_mode()`
         # (an inference tensor cannot be updated in place outside it).
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():
             transformer.setup_kv_cache(batch_rows, dtype=dtype, device=device)
             self.kv_caches = [layer.attn.kv_cache for layer in transformer.layers]
             self.class_embeds = torch.zeros(batch_rows, config.hidden_size, dtype=dtype, device=device)  # (2B, C)
@@ -104,7 +104,7 @@ class VARSamplingGraphs:
     @torch.no_grad()
     def _capture_steps(self) -> None:
         config = self.transformer.config
-        with torch.inference_mode(False):  # written by every later call (see __init__)
+        with torch.inference_mode(False), torch.no_grad():  # written by every later call (see __init__)
             self.scale_inputs = [
                 torch.zeros(self.batch_rows, pn * pn, config.hidden_size, dtype=self.dtype, device=self.device) for pn in config.patch_nums
             ]
@@ -163,7 +163,7 @@ class VARSamplingGraphs:
             self.run_settings, self.vqvae = settings, vqvae
         if self.noise is None:  # Exp(1) noise of every scale's draw, (B·pn², V) float32 each
             vocab, batch = config.codebook_size, self.batch_rows // 2
-            with torch.inference_mode(False):  # written by every later call (see __init__)
+            with torch.inference_mode(False), torch.no_grad():  # written by every later call (see __init__)
                 self.noise = [torch.empty(batch * pn * pn, vocab, dtype=torch.float32, device=self.device) for pn in config.patch_nums]
         for noise in self.noise:
             draw_exponential_(noise, generator)

@@ -191,7 +191,7 @@ class VARPipeline(DiffusionPipeline):
 
         Compiled kernels round differently from eager ones, so compiled float32 results are within float tolerance of
         the reference path, not bit-identical; `cuda_graphs` alone changes nothing. Random numbers are drawn on the
-        pipeline's device except for a float32 pipeline given a generator on another device (see `generator`).
+        pipeline's device except for a float32/float64 pipeline given a generator on another device (see `generator`).
         `compile_kwargs` go to `torch.compile`. Returns the pipeline, so `.to("cuda").compile()` chains.
         """
         self._use_sampling_graphs = cuda_graphs
@@ -409,7 +409,7 @@ class VARPipeline(DiffusionPipeline):
             generator: one `torch.Generator`; seeded, it reproduces upstream's `g_seed` samples exactly in float32.
                 In float32 a generator on another device than the pipeline's draws the random numbers there (a CPU
                 generator gives the CPU's samples on any device, slowly); in bfloat16/float16 the pipeline draws them on
-                its own device from a seed taken from the generator (reproducible per seed, device and dtype).
+                its own device from a seed taken from the generator (reproducible per seed, dtype and device model).
             output_type: "pil", "np" ((B, H, W, 3) in [0, 1]) or "pt" ((B, 3, H, W) in [0, 1]).
             return_dict: return a [`VARPipelineOutput`] instead of a tuple `(images, scale_indices)`.
             image: the image(s) to edit, in [0, 1] (PIL, numpy (B, H, W, 3) or tensor (B, 3, H, W)), at the model's

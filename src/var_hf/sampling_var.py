@@ -55,8 +55,8 @@ def generator_on_device(generator: torch.Generator, device: torch.device | str) 
     A generator on `device` seeded with one 64-bit number drawn from `generator` (which advances by that one draw): the
     same seeded `generator` gives the same stream on `device`, without drawing the run's random numbers on its own device.
     """
-    seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, device=generator.device))
-    return torch.Generator(device=device).manual_seed(seed)
+    device_generator = torch.Generator(device=device)  # first: where this fails, `generator` is left untouched
+    return device_generator.manual_seed(int(torch.randint(0, 2**63 - 1, (), generator=generator, device=generator.device)))
 
 
 def sampling_generator(generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> torch.Generator | None:
@@ -64,13 +64,17 @@ def sampling_generator(generator: torch.Generator | None, device: torch.device, 
     The generator a sampling run on `device` in `dtype` draws from. Float32 (reference mode) keeps the given one, even
     on another device: a CPU generator then gives the CPU's random numbers anywhere (B·L·V of them per run, seconds on
     a CPU at batch 64). In half precision, where tokens are not the reference's anyway, a generator on another device is
-    replaced by [`generator_on_device`] (fast, reproducible per seed, device and dtype).
+    replaced by [`generator_on_device`] (fast; reproducible per seed, dtype and device model — GPU random kernels are
+    sized by the card). Devices without generators of their own keep the given one.
     """
     device = torch.device(device)
     if generator is None or generator.device.type == device.type or device.type == "meta":
         return generator
     if dtype in (torch.bfloat16, torch.float16):
-        return generator_on_device(generator, device)
+        try:
+            return generator_on_device(generator, device)
+        except RuntimeError:  # no generator on this device type (e.g. some out-of-tree backends)
+            return generator
     return generator
 
 

@@ -68,10 +68,10 @@ pipe.compile(cuda_graphs=True, compile_transformer=False, compile_decoder=False)
 with torch.inference_mode():
     graphed = [sample(pipe, [3, 5, 7], 0)]
 graphed.append(sample(pipe, [3, 5, 7], 1))
+sampler = "whole-run CUDA graph" if getattr(pipe._sampling_graphs, "run_graph", None) is not None else "static buffers"
 with torch.inference_mode():
     graphed_edit = sample(pipe, [4], 2, image=plain[0].images[:1], edit_mask=mask)
 graphed_edit_again = sample(pipe, [4], 2, image=plain[0].images[:1], edit_mask=mask)
-sampler = getattr(pipe._sampling_graphs, "run_graph", None) is not None and "whole-run CUDA graph" or "static buffers"
 report({"check": "sampler_equals_plain_float32", "device": args.device, "sampler": sampler},
        all(same(a, b) for a, b in zip(graphed, plain)) and same(graphed_edit, plain_edit) and same(graphed_edit_again, plain_edit))
 
