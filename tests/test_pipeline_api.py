@@ -207,6 +207,24 @@ def test_dtype_argument_casts_the_transformer(converted_pipelines):
     assert out.images.shape == (1, 3, 64, 64) and torch.isfinite(out.images).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_casting_a_loaded_pipeline_equals_loading_in_that_dtype(converted_pipelines, dtype):
+    """`pipe.to(dtype)` (as diffusers users write it) keeps the quantizer in float32 exactly as `from_pretrained(dtype=)`:
+    same weights bit for bit, same samples; and the model still moves (meta) and casts back."""
+    loaded = VARPipeline.from_pretrained(converted_pipelines[NAME], dtype=dtype)
+    cast = VARPipeline.from_pretrained(converted_pipelines[NAME], dtype=torch.float32).to(dtype)
+    for name in ("transformer", "vqvae"):
+        expected, got = getattr(loaded, name).state_dict(), getattr(cast, name).state_dict()
+        assert all(expected[key].dtype == got[key].dtype and torch.equal(expected[key], got[key]) for key in expected), name
+    assert cast.vqvae.quantizer.embedding.weight.dtype == torch.float32 and cast.vqvae.decoder.conv_out.weight.dtype == dtype
+    for candidate in (loaded, cast):
+        candidate.set_progress_bar_config(disable=True)
+    a, b = (sample(p, class_labels=[1, 3], output_type="pt") for p in (loaded, cast))
+    assert all(torch.equal(x, y) for x, y in zip(a.scale_indices, b.scale_indices)) and torch.equal(a.images, b.images)
+    assert cast.vqvae.double().quantizer.embedding.weight.dtype == torch.float64  # wider types are not held back
+    assert cast.vqvae.to("meta").quantizer.embedding.weight.device.type == "meta"
+
+
 def test_pickle_weights_are_refused(converted_pipelines, tmp_path):
     import shutil
 

@@ -433,6 +433,32 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
             codebook_size, latent_channels, patch_nums, phi_count, phi_residual_ratio, phi_index_per_scale
         )
 
+    # ------------------------------------------------------------------------------------------------ dtype
+    def _apply(self, fn, recurse: bool = True):
+        """Casting to half precision (`.to(torch.bfloat16)`, `.half()`, a pipeline's `.to(dtype)`) leaves the quantizer
+        (codebook, Phi convolutions: the latent arithmetic) in float32, as `from_pretrained(dtype=...)` does; it still
+        moves with the model."""
+        quantizer = self._modules.pop("quantizer")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._modules["quantizer"] = quantizer
+
+        def keep_float32(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.dtype == torch.float32:
+                target = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))  # where `fn` sends a float32 tensor
+                if target.dtype in (torch.float16, torch.bfloat16):
+                    return tensor.to(device=target.device)
+            return fn(tensor)
+
+        quantizer._apply(keep_float32, recurse)
+        return self
+
+    def to(self, *args, **kwargs):
+        # `nn.Module.to` directly: diffusers' `ModelMixin.to` warns that a dtype cast also casts the float32 modules,
+        # which `_apply` above prevents (its other checks concern quantized and group-offloaded models, not this one).
+        return nn.Module.to(self, *args, **kwargs)
+
     # ------------------------------------------------------------------------------------------------ sizes
     @property
     def patch_nums(self) -> list[int]:
