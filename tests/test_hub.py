@@ -86,6 +86,35 @@ def _fake_cache(cache_dir, repo_id, folder):
     return root
 
 
+@pytest.mark.parametrize("component", ["transformer", "vqvae"])
+def test_components_load_safetensors_only(fake_hub, converted_pipelines, tmp_path, component):
+    """`VARTransformer` / `MultiScaleVQModel` (and `AutoModel`) on their own: a folder or Hub repo whose weights are
+    pickled is refused, and the pickle is neither read nor downloaded."""
+    from transformers import AutoModel
+
+    from var_hf import MultiScaleVQModel, PickleRefusedError, VARTransformer
+
+    model_class = {"transformer": VARTransformer, "vqvae": MultiScaleVQModel}[component]
+    source = converted_pipelines[NAME] / component
+    weights = next(source.glob("*.safetensors"))
+    pickled_name = {"transformer": "pytorch_model.bin", "vqvae": "diffusion_pytorch_model.bin"}[component]
+    folder = tmp_path / component
+    shutil.copytree(source, folder)
+    (folder / weights.name).unlink()
+    (folder / pickled_name).write_bytes(b"\x80\x04cos\nsystem\n.")  # never unpickled: refused by name first
+    loaders = [model_class.from_pretrained] + ([AutoModel.from_pretrained] if component == "transformer" else [])
+    for load in loaders:
+        with pytest.raises(PickleRefusedError, match=pickled_name):
+            load(folder)
+    with pytest.raises(ValueError, match="safetensors weights only"):
+        model_class.from_pretrained(source, use_safetensors=False)
+    fake_hub.add_repo(f"org/{component}-pickled", {p.name: p.read_bytes() for p in folder.iterdir()})
+    with pytest.raises(Exception):  # no safetensors there (transformers also looks for the Hub's conversion PR first)
+        model_class.from_pretrained(f"org/{component}-pickled")
+    assert not [url for method, url in fake_hub.requests if pickled_name in url and method == "GET"]
+    assert isinstance(model_class.from_pretrained(source), model_class)  # the safetensors folder still loads
+
+
 def test_repo_id_from_offline_cache(converted_pipelines, tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     _fake_cache(cache, "org/cached", converted_pipelines[NAME])

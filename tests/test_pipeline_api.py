@@ -265,6 +265,26 @@ def test_config_round_trip_and_validation(tmp_path):
         VARConfig(patch_nums=(2, 1))
 
 
+@pytest.mark.parametrize("key, value", [
+    ("attn_implementation", "someone/their-kernel"),  # a Hub kernel repo: transformers would download and run it
+    ("_attn_implementation_internal", "kernels-community/flash-attn"),
+    ("_check", 1),  # would shadow a method
+    ("seq_len", 5),  # derived, not a setting
+])
+def test_hostile_config_json_is_refused_before_loading(converted_pipelines, tmp_path, key, value):
+    import shutil
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(converted_pipelines[NAME], folder)
+    config_file = folder / "transformer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), key: value}))
+    with pytest.raises(ValueError, match=key):
+        VARPipeline.from_pretrained(folder)
+    with pytest.raises(ValueError, match=key):
+        VARTransformer.from_pretrained(folder / "transformer")
+    assert VARConfig(attn_implementation="eager")._attn_implementation == "eager"  # the supported choices still work
+
+
 def test_random_init_follows_upstream_scalings():
     config = VARConfig(depth=2, embed_dim=128, num_heads=2, patch_nums=(1, 2), codebook_size=64, latent_channels=4, num_classes=3, init_adaln_gamma=1e-3)
     model = VARTransformer(config)

@@ -9,6 +9,9 @@ PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
 
+VAR_ATTENTION_IMPLEMENTATIONS = (None, "eager", "sdpa")  # None: transformers' default (sdpa where available)
+
+
 class VARConfig(PreTrainedConfig):
     r"""
     Configuration of a [`VARTransformer`]. The defaults describe VAR-d16 (ImageNet 256 px).
@@ -78,6 +81,13 @@ class VARConfig(PreTrainedConfig):
         init_head: float = 0.02,
         **kwargs,
     ):
+        for key in ("attn_implementation", "_attn_implementation", "_attn_implementation_internal"):
+            # A config.json naming a Hub kernel repo here would make transformers download and run its code.
+            if kwargs.get(key) not in VAR_ATTENTION_IMPLEMENTATIONS:
+                raise ValueError(f"{key}={kwargs[key]!r}: VAR attention is one of {VAR_ATTENTION_IMPLEMENTATIONS[1:]}")
+        for key in kwargs:
+            if isinstance(VARConfig.__dict__.get(key), (property, staticmethod, classmethod)) or callable(VARConfig.__dict__.get(key)):
+                raise ValueError(f"config key {key!r} is not a setting: VARConfig.{key} is derived or a method")
         # Upstream names are accepted as aliases.
         num_hidden_layers = kwargs.pop("depth", num_hidden_layers)
         hidden_size = kwargs.pop("embed_dim", hidden_size)
@@ -147,4 +157,4 @@ class VARConfig(PreTrainedConfig):
         return ranges
 
 
-__all__ = ["VARConfig", "PATCH_NUMS_256", "PATCH_NUMS_512"]
+__all__ = ["VARConfig", "PATCH_NUMS_256", "PATCH_NUMS_512", "VAR_ATTENTION_IMPLEMENTATIONS"]

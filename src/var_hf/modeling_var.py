@@ -19,6 +19,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_var import VARConfig
+from .safety import safetensors_only
 
 
 @dataclass
@@ -319,6 +320,12 @@ class VARPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["VARBlock"]
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = [r"attn_bias_for_masking", r"lvl_1L", r"zero_k_bias"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, safetensors only: pickled weights are refused, never unpickled."""
+        kwargs = safetensors_only(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

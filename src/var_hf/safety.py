@@ -39,3 +39,17 @@ def check_folder_has_no_pickles(folder: str | Path) -> None:
                     raise PickleRefusedError(f"{relative} is named .safetensors but is not: {error}") from None
                 if kind != FORMAT_SAFETENSORS:
                     raise PickleRefusedError(f"{relative} is named .safetensors but its content is a torch pickle checkpoint; refusing to load it")
+
+
+def safetensors_only(pretrained_model_name_or_path, kwargs: dict) -> dict:
+    """
+    The `from_pretrained` keyword arguments of a var-hf model, made safetensors-only: `use_safetensors=True` (a Hub repo
+    then gives safetensors or an error, never a pickle), and a local folder holding pickled weights is refused before
+    anything is read. `use_safetensors=False` is refused.
+    """
+    if kwargs.get("use_safetensors") is False:
+        raise ValueError("var-hf loads safetensors weights only; use_safetensors=False is not supported")
+    if pretrained_model_name_or_path is not None and Path(pretrained_model_name_or_path).is_dir():
+        check_folder_has_no_pickles(Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or ""))
+    return {**kwargs, "use_safetensors": True}
+

@@ -16,6 +16,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from .safety import safetensors_only
+
 
 def upstream_phi_index_per_scale(num_scales: int, phi_count: int) -> list[int]:
     """
@@ -432,6 +434,11 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
         self.quantizer = MultiScaleResidualQuantizer(
             codebook_size, latent_channels, patch_nums, phi_count, phi_residual_ratio, phi_index_per_scale
         )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`ModelMixin.from_pretrained`, safetensors only: pickled weights are refused, never unpickled."""
+        return super().from_pretrained(pretrained_model_name_or_path, **safetensors_only(pretrained_model_name_or_path, kwargs))
 
     # ------------------------------------------------------------------------------------------------ dtype
     def _apply(self, fn, recurse: bool = True):
