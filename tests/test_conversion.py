@@ -157,6 +157,33 @@ def test_pickle_with_code_is_refused_without_side_effect(tmp_path):
     assert not sentinel.exists() and not (tmp_path / "out").exists()
 
 
+def test_hostile_inputs_end_in_a_clear_error_and_leave_nothing(tmp_path, capsys):
+    """A broadcast view (a few stored bytes addressing 32 GiB: refused before anything is allocated), a state dict
+    missing a key the config is derived from, and a corrupt safetensors file: `error: ...` and exit code 2."""
+    state = load_file(str(golden_files(NAME)["var"]))
+    bomb = dict(state, **{"class_emb.weight": torch.zeros(1).expand(2**26, 128)})
+    save_upstream_pth(bomb, tmp_path / "bomb.pth")
+    missing = {k: v for k, v in state.items() if k != "blocks.0.ffn.fc1.weight"}
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(golden_files(NAME)["var"].read_bytes() + b"trailing")
+    for source, message in (("bomb.pth", "broadcast view"), ("missing.safetensors", "blocks.0.ffn.fc1.weight"), ("corrupt.safetensors", "")):
+        args = ["--vae", str(golden_files(NAME)["vae"]), "--var", str(tmp_path / source), "--output", str(tmp_path / "out")]
+        assert main(args) == 2, source
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*")), source
+
+
+def test_non_finite_weights_round_trip_bit_for_bit(tmp_path):
+    state = load_file(str(golden_files(NAME)["var"]))
+    state["head.bias"][3] = float("nan")
+    save_file(state, str(tmp_path / "var.safetensors"))
+    folder = convert_to_pipeline_folder(golden_files(NAME)["vae"], tmp_path / "var.safetensors", tmp_path / "out", **QUIET)
+    saved = load_file(str(folder / "transformer" / "model.safetensors"))["lm_head.bias"]
+    assert saved[3].isnan() and torch.equal(saved.nan_to_num(), state["head.bias"].nan_to_num())
+
+
 def test_from_hub_downloads_then_converts(fake_hub, tmp_path):
     for name, filename in (("vae", "vae_ch160v4096z32.pth"), ("var", "var_d2.pth")):
         save_upstream_pth(load_file(str(golden_files(NAME)[name])), tmp_path / filename)

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .configuration_var import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig
@@ -60,6 +61,17 @@ def read_state_dict(path: str | Path, nested_key: str | None = None, ignore_unkn
     if detect_format(path) == FORMAT_SAFETENSORS:  # by content; anything but safetensors or a torch zip is refused
         return load_file(str(path))
     obj = load_torch_checkpoint(path, ignore_unknown_objects=ignore_unknown_objects)
+    state = _flat_state_dict(obj, path, nested_key)
+    for key, tensor in state.items():
+        # The reader returns views; one addressing more elements than its storage holds (zero strides) is a broadcast
+        # that would only be materialised here, by the converter: a memory bomb, never a weight.
+        if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+            raise ConversionError(f"{path.name}: {key} is a broadcast view of {tensor.untyped_storage().nbytes()} stored bytes "
+                                  f"(shape {tuple(tensor.shape)}, strides {tensor.stride()}): not a weight")
+    return state
+
+
+def _flat_state_dict(obj: object, path: Path, nested_key: str | None) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and "trainer" in obj and isinstance(obj["trainer"], dict):
         if nested_key is None or nested_key not in obj["trainer"]:
             raise ConversionError(f"{path.name}: a training checkpoint without trainer.{nested_key}")
@@ -262,7 +274,8 @@ def verify_saved_pipeline(folder: Path, sources: dict[str, dict[str, torch.Tenso
             raise ConversionError(f"{sub}: written keys differ from the source: {sorted(set(saved) ^ set(source))[:10]}")
         for key in tqdm(sorted(source), desc=f"verifying {sub}", leave=False):
             expected = source[key].float() if source[key].is_floating_point() else source[key]
-            if saved[key].dtype != expected.dtype or not torch.equal(saved[key], expected):
+            same_bits = saved[key].reshape(-1).view(torch.uint8).equal(expected.contiguous().reshape(-1).view(torch.uint8))
+            if saved[key].dtype != expected.dtype or saved[key].shape != expected.shape or not same_bits:
                 raise ConversionError(f"{sub}: {key} did not round-trip bit for bit")
 
 
@@ -382,7 +395,13 @@ def main(argv=None) -> int:
             ignore_unknown_objects=args.ignore_unknown_objects,
             allow_sha256_mismatch=args.allow_sha256_mismatch,
         )
-    except (ConversionError, FileExistsError, FileNotFoundError, ValueError, OSError) as error:
+    except KeyError as error:  # a key the converter needs is missing
+        print(f"error: not a complete upstream state dict: missing {error}", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("error: the checkpoint nests objects too deeply to be a state dict", file=sys.stderr)
+        return 2
+    except (ConversionError, FileExistsError, FileNotFoundError, ValueError, OSError, SafetensorError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {Path(folder).resolve()}")
