@@ -283,6 +283,11 @@ def resolve_resume_path(args, output_dir: Path) -> Path | None:
     path = Path(args.resume_from_checkpoint)
     if not path.is_dir() and (output_dir / path).is_dir():
         path = output_dir / path
+    if path.resolve().parent != output_dir.resolve():  # accelerate states are pickles: only this run's own are read
+        raise ValueError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint}: checkpoints are read only from this run's own "
+            f"{output_dir} (accelerate states are pickles; never load ones you did not write)"
+        )
     if not (path / COMPLETE_MARKER).is_file():
         raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a complete checkpoint (no {COMPLETE_MARKER})")
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -255,6 +256,14 @@ def test_resume_latest_continues_exactly(recipe, photo_crops, tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     assert resumed["logs"]["codebook/total_restarts"] == straight["logs"]["codebook/total_restarts"]
+
+    # another run's checkpoint (pickled accelerate state) is never loaded, even when complete
+    foreign = tmp_path / "elsewhere" / "checkpoint-3"
+    shutil.copytree(out / "checkpoint-3", foreign)
+    with pytest.raises(ValueError, match="only from this run's own"):
+        recipe.main(common + ["--output_dir", str(tmp_path / "c"), "--max_train_steps", "6", "--resume_from_checkpoint", str(foreign), "--report_to", "none"])
+    with pytest.raises(ValueError, match="only from this run's own"):
+        recipe.main(common + ["--output_dir", str(out), "--max_train_steps", "6", "--resume_from_checkpoint", str(foreign), "--report_to", "none"])
 
 
 def test_bad_resolution_is_refused(recipe, photo_crops, tmp_path):
