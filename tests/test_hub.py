@@ -40,6 +40,18 @@ def test_push_to_hub_then_from_pretrained_repo_id(fake_hub, golden_pipelines):
     assert not fake_hub.blocked_connections
 
 
+def test_pushing_an_already_saved_folder_names_the_repo_and_no_local_path(fake_hub, golden_pipelines, tmp_path):
+    pipe = golden_pipelines[NAME]
+    pipe.save_pretrained(tmp_path / "pipe")  # the card is written without a repo id first
+    pipe.save_pretrained(tmp_path / "pipe", push_to_hub=True, repo_id="org/later")
+    card = fake_hub.repos["org/later"]["README.md"].decode()
+    assert 'VARPipeline.from_pretrained("org/later"' in card and "path/to/pipeline" not in card
+    for name, content in fake_hub.repos["org/later"].items():
+        if name.endswith(".json"):
+            assert "_name_or_path" not in json.loads(content), name  # where it was loaded from stays local
+            assert str(tmp_path) not in content.decode(), name
+
+
 def test_cli_push_uploads_only_the_allow_list(fake_hub, converted_pipelines, tmp_path):
     folder = tmp_path / "pipe"
     shutil.copytree(converted_pipelines[NAME], folder)

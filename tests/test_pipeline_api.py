@@ -225,6 +225,49 @@ def test_casting_a_loaded_pipeline_equals_loading_in_that_dtype(converted_pipeli
     assert cast.vqvae.to("meta").quantizer.embedding.weight.device.type == "meta"
 
 
+def test_loading_without_dtype_is_float32_whatever_was_saved(converted_pipelines, tmp_path):
+    VARPipeline.from_pretrained(converted_pipelines[NAME], dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    loaded = VARPipeline.from_pretrained(tmp_path / "bf16")
+    assert loaded.transformer.dtype == torch.float32 and loaded.vqvae.decoder.conv_out.weight.dtype == torch.float32
+
+
+def test_components_of_the_wrong_class_are_refused(pipe):
+    with pytest.raises(TypeError, match="transformer must be a VARTransformer"):
+        VARPipeline(transformer=pipe.vqvae, vqvae=pipe.vqvae)
+    with pytest.raises(TypeError, match="vqvae must be a MultiScaleVQModel"):
+        VARPipeline(transformer=pipe.transformer, vqvae=pipe.transformer)
+
+
+def test_model_cpu_offload_puts_both_models_on_the_device_for_the_scale_loop(converted_pipelines, monkeypatch):
+    """The loop calls helper methods, not `forward`: the pipeline fires both offload hooks itself (CPU stands in for
+    the GPU here, so the check is that the hooks run, vqvae first, and the samples stay the same)."""
+    reference = VARPipeline.from_pretrained(converted_pipelines[NAME])
+    reference.set_progress_bar_config(disable=True)
+    expected = sample(reference, class_labels=[1, 4], output_type="pt")
+    offloaded = VARPipeline.from_pretrained(converted_pipelines[NAME])
+    offloaded.set_progress_bar_config(disable=True)
+    offloaded.enable_model_cpu_offload(device="cpu")
+    fired = []
+    for name in ("transformer", "vqvae"):
+        hook = getattr(offloaded, name)._hf_hook
+        monkeypatch.setattr(hook, "pre_forward", lambda module, *args, _original=hook.pre_forward, _name=name, **kwargs: (fired.append(_name), _original(module, *args, **kwargs))[1])
+    out = sample(offloaded, class_labels=[1, 4], output_type="pt")
+    assert fired[:2] == ["vqvae", "transformer"]
+    assert torch.equal(out.images, expected.images)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_cpu_offload_on_a_gpu(converted_pipelines):
+    reference = VARPipeline.from_pretrained(converted_pipelines[NAME]).to("cuda")
+    offloaded = VARPipeline.from_pretrained(converted_pipelines[NAME])
+    offloaded.enable_model_cpu_offload()
+    for p in (reference, offloaded):
+        p.set_progress_bar_config(disable=True)
+    a, b = (p(class_labels=[1, 4], generator=torch.Generator("cuda").manual_seed(0), output_type="pt") for p in (reference, offloaded))
+    assert all(torch.equal(x, y) for x, y in zip(a.scale_indices, b.scale_indices))
+    assert offloaded.transformer.device.type == "cpu"  # offloaded again after the call
+
+
 def test_pickle_weights_are_refused(converted_pipelines, tmp_path):
     import shutil
 

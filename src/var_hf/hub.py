@@ -6,6 +6,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
+from .model_card import PLACEHOLDER_REPO_ID
 from .safety import check_folder_has_no_pickles
 
 # What a published pipeline consists of (uploaded and downloaded); optimizer/RNG states, checkpoints, code stay local.
@@ -28,11 +29,14 @@ def push_folder_to_hub(
         if not (folder / sub).is_dir():
             raise ValueError(f"{folder} lacks the {sub}/ component")
         check_folder_has_no_pickles(folder / sub)
-    if not (folder / "README.md").is_file():
+    card = folder / "README.md"
+    if not card.is_file():
         from .model_card import write_model_card
         from .pipeline_var import VARPipeline
 
         write_model_card(folder, VARPipeline.from_pretrained(folder), repo_id=repo_id)
+    elif PLACEHOLDER_REPO_ID in card.read_text(encoding="utf-8"):  # a card written before the repo was known
+        card.write_text(card.read_text(encoding="utf-8").replace(PLACEHOLDER_REPO_ID, repo_id), encoding="utf-8")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     info = api.upload_folder(

@@ -15,9 +15,12 @@ def _count(module) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
 
 
+PLACEHOLDER_REPO_ID = "path/to/pipeline"  # in cards written before the pipeline has a Hub repo; replaced when pushed
+
+
 def render_model_card(
     pipe,
-    repo_id: str = "path/to/pipeline",
+    repo_id: str = PLACEHOLDER_REPO_ID,
     title: str | None = None,
     sources: dict[str, str] | None = None,
     converter_version: str | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,15 @@ EXAMPLE_DOC_STRING = """
         >>> out.images[0].save("seven.png")
         ```
 """
+
+
+def drop_local_paths(folder: str | os.PathLike) -> None:
+    """Remove the `_name_or_path` diffusers records in saved configs: the local folder a pipeline was loaded from is
+    nobody's business on the Hub (and means nothing on another machine)."""
+    for config in (Path(folder) / "model_index.json", *Path(folder).glob("*/config.json")):
+        values = json.loads(config.read_text(encoding="utf-8"))
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def images_to_pil(images: torch.Tensor) -> list[PIL.Image.Image]:
@@ -78,6 +88,9 @@ class VARPipeline(DiffusionPipeline):
 
     def __init__(self, transformer: VARTransformer, vqvae: MultiScaleVQModel, id2label: dict | None = None):
         super().__init__()
+        for name, component, expected in (("transformer", transformer, VARTransformer), ("vqvae", vqvae, MultiScaleVQModel)):
+            if not isinstance(component, expected):  # e.g. a model_index.json naming another class
+                raise TypeError(f"{name} must be a {expected.__name__}, got {type(component).__name__}")
         if list(transformer.config.patch_nums) != list(vqvae.config.patch_nums):
             raise ValueError(
                 f"transformer and vqvae disagree on patch_nums: {transformer.config.patch_nums} vs {vqvae.config.patch_nums}"
@@ -111,13 +124,17 @@ class VARPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "VARPipeline":
         """
         Load from a folder written by `save_pretrained` or a Hub repo id. Only safetensors weights are read; a folder
-        holding weights in any pickle format is refused before anything is loaded. `dtype=` sets the compute dtype.
+        holding weights in any pickle format is refused before anything is loaded. `dtype=` sets the compute dtype
+        (default float32; the quantizer stays float32 in any dtype).
         """
         if kwargs.get("use_safetensors") is False:
             raise ValueError("var-hf loads safetensors weights only; use_safetensors=False is not supported")
         kwargs["use_safetensors"] = True
         if "torch_dtype" in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = kwargs.pop("torch_dtype")
+        # Default float32 (the reference mode) for both components, whatever dtype a folder was saved in (transformers
+        # alone would load the saved dtype, diffusers float32).
+        kwargs.setdefault("dtype", torch.float32)
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
             folder = Path(cls.download(str(pretrained_model_name_or_path), **kwargs))
@@ -135,11 +152,12 @@ class VARPipeline(DiffusionPipeline):
             raise ValueError("var-hf saves safetensors only")
         repo_id = kwargs.pop("repo_id", None)
         super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        drop_local_paths(save_directory)
         card = Path(save_directory) / "README.md"
         if not card.exists():
-            from .model_card import write_model_card
+            from .model_card import PLACEHOLDER_REPO_ID, write_model_card
 
-            write_model_card(save_directory, self, repo_id=repo_id or "path/to/pipeline")
+            write_model_card(save_directory, self, repo_id=repo_id or PLACEHOLDER_REPO_ID)
         if push_to_hub:
             if repo_id is None:
                 raise ValueError("push_to_hub=True needs repo_id=")
@@ -156,6 +174,7 @@ class VARPipeline(DiffusionPipeline):
 
         with tempfile.TemporaryDirectory() as folder:
             super().save_pretrained(folder, safe_serialization=True)
+            drop_local_paths(folder)
             write_model_card(folder, self, repo_id=repo_id, **(model_card_kwargs or {}))
             return push_folder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
@@ -443,6 +462,13 @@ class VARPipeline(DiffusionPipeline):
                 f"across devices, but slow). For speed pass torch.Generator('{device.type}').manual_seed(seed), "
                 f"as upstream's g_seed does, or load the pipeline in bfloat16."
             )
+
+        # Model CPU offload (`enable_model_cpu_offload`): the scale loop needs both models and calls their helper
+        # methods, not `forward` (which would fire the offload hooks), so both are put on the device here; the vqvae
+        # first, as its hook offloads the model before it in `model_cpu_offload_seq`. `maybe_free_model_hooks` offloads.
+        for module in (vqvae, transformer):
+            if getattr(module, "_hf_hook", None) is not None:
+                module._hf_hook.pre_forward(module)
 
         # 2. Class labels (+ the null class for classifier-free guidance, batch doubled)
         if class_labels is None and editing:
