@@ -141,13 +141,17 @@ def test_top_k_larger_than_vocabulary_keeps_everything(pipe):
 def test_callback_sees_every_scale_and_can_interrupt(pipe):
     seen = []
 
+    tokens_seen = []
+
     def callback(p, step, timestep, kwargs):
         seen.append((step, tuple(kwargs["f_hat"].shape), tuple(kwargs["logits"].shape)))
+        tokens_seen.append(kwargs["tokens"].clone())
         return {}
 
-    sample(pipe, class_labels=[1], callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["f_hat", "logits"])
+    out = sample(pipe, class_labels=[1], callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["tokens", "f_hat", "logits"])
     assert [s[0] for s in seen] == [0, 1, 2, 3]
     assert seen[-1][1] == (1, 8, 4, 4) and seen[-1][2] == (1, 16, 256)
+    assert all(torch.equal(a, b) for a, b in zip(tokens_seen, out.scale_indices, strict=True))  # each scale's draw
 
     def stop(p, step, timestep, kwargs):
         p._interrupt = True

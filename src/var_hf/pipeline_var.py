@@ -84,7 +84,7 @@ class VARPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "transformer->vqvae"
     _optional_components = []
-    _callback_tensor_inputs = ["f_hat", "logits"]
+    _callback_tensor_inputs = ["tokens", "f_hat", "logits"]
 
     def __init__(self, transformer: VARTransformer, vqvae: MultiScaleVQModel, id2label: dict | None = None):
         super().__init__()
@@ -439,7 +439,9 @@ class VARPipeline(DiffusionPipeline):
             decode_batch_size: decode the latents in chunks of this many images (less memory for big batches).
             callback_on_step_end: `fn(pipe, scale_index, scale_index, callback_kwargs) -> dict` after every scale;
                 may replace "f_hat". Set `pipe._interrupt = True` inside it to stop early.
-            callback_on_step_end_tensor_inputs: names passed in `callback_kwargs` ("f_hat", "logits").
+            callback_on_step_end_tensor_inputs: names passed in `callback_kwargs`: "tokens" (the scale's token ids,
+                (B, pn²)), "f_hat" (the accumulated latent; a returned replacement is used) and "logits" (the filtered
+                logits the tokens were drawn from).
 
         Returns:
             [`VARPipelineOutput`] with `images` and `scale_indices`, or a tuple.
@@ -540,7 +542,7 @@ class VARPipeline(DiffusionPipeline):
                             hidden_states = transformer.next_scale_embeds(si + 1, next_input).repeat(2, 1, 1)
 
                         if callback_on_step_end is not None:
-                            local = {"f_hat": f_hat, "logits": logits}
+                            local = {"tokens": tokens, "f_hat": f_hat, "logits": logits}
                             callback_kwargs = {name: local[name] for name in callback_on_step_end_tensor_inputs}
                             callback_outputs = callback_on_step_end(self, si, si, callback_kwargs) or {}
                             f_hat = callback_outputs.get("f_hat", f_hat)
