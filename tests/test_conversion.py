@@ -91,8 +91,22 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert main(args + ["--overwrite"]) == 0 and not (tmp_path / "out" / "keep.txt").exists()
 
 
-def test_written_folder_and_card(tmp_path):
+def test_written_folder_and_card(tmp_path, monkeypatch):
+    import os
+
+    opened, synced, real_open, real_fsync = {}, [], os.open, os.fsync
+
+    def recording_open(path, flags, *args):
+        descriptor = real_open(path, flags, *args)
+        opened[descriptor] = path
+        return descriptor
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(os, "fsync", lambda descriptor: (synced.append(opened.get(descriptor)), real_fsync(descriptor))[1])
     folder = convert_to_pipeline_folder(golden_files(NAME)["vae"], golden_files(NAME)["var"], tmp_path / "out", **QUIET)
+    staging = synced[-1]  # the folder itself is flushed last, then renamed to the output
+    written = {p.relative_to(folder).as_posix() for p in folder.rglob("*")} | {"."}
+    assert {__import__("pathlib").Path(s).relative_to(staging).as_posix() for s in synced} >= written
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert all(n.endswith((".json", ".safetensors", "README.md")) for n in names)
     card = (folder / "README.md").read_text()

@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -279,6 +280,16 @@ def verify_saved_pipeline(folder: Path, sources: dict[str, dict[str, torch.Tenso
                 raise ConversionError(f"{sub}: {key} did not round-trip bit for bit")
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` (and `folder` itself) to disk."""
+    for path in [*sorted(folder.rglob("*")), folder]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
 def convert_to_pipeline_folder(
     vae_path: str | Path,
     var_path: str | Path,
@@ -338,6 +349,7 @@ def convert_to_pipeline_folder(
                 "vqvae": map_keys(vae_state, VAE_KEY_RULES, VAE_BUFFERS),
             },
         )
+        fsync_tree(staging)  # on disk before it takes the output's name: a crash leaves the old folder or the new one
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)
