@@ -7,7 +7,8 @@
   one graph per step when editing) gives the plain pipeline's tokens and images bit for bit in float32, also when calls
   alternate inside and outside `torch.inference_mode()`;
 - in bfloat16 a CPU generator (the contract's `torch.Generator()`) samples what a generator on the device seeded with
-  one draw from it samples.
+  one draw from it samples;
+- `enable_model_cpu_offload()` samples what the pipeline on the device samples.
 """
 
 import argparse
@@ -82,4 +83,16 @@ if args.device != "cpu":
     report({"check": "bf16_cpu_generator_seeds_a_device_generator", "device": args.device},
            same(sample(half, [1, 2], 9, generator_device="cpu"), half(class_labels=[1, 2], output_type="pt",
                 generator=torch.Generator(device=args.device).manual_seed(seed))))
+    on_device = VARPipeline.from_pretrained(DEFAULT_MODEL).to(args.device)
+    on_device.set_progress_bar_config(disable=True)
+    expected = sample(on_device, [2, 6], 4)
+    try:
+        offloaded = VARPipeline.from_pretrained(DEFAULT_MODEL)
+        offloaded.set_progress_bar_config(disable=True)
+        offloaded.enable_model_cpu_offload()
+        ok, error = same(sample(offloaded, [2, 6], 4), expected), None
+        after = [model.device.type for model in (offloaded.transformer, offloaded.vqvae)]
+    except Exception as caught:  # noqa: BLE001  (reported, and the other checks' results stand)
+        ok, error, after = False, repr(caught)[:300], None
+    report({"check": "model_cpu_offload_samples_as_on_device", "device": args.device, "models_after_call": after, "error": error}, ok)
 sys.exit(1 if failed else 0)
