@@ -196,6 +196,8 @@ def test_components_round_trip_alone(pipe, tmp_path):
     vqvae = MultiScaleVQModel.from_pretrained(tmp_path / "v")
     assert transformer.config.to_dict() == pipe.transformer.config.to_dict() or transformer.config.patch_nums == pipe.transformer.config.patch_nums
     assert vqvae.config.phi_index_per_scale == [0, 1, 2, 3]
+    placed = MultiScaleVQModel.from_pretrained(tmp_path / "v", device_map="auto")  # accelerate's placement works
+    assert all(torch.equal(a, b) for a, b in zip(placed.state_dict().values(), vqvae.state_dict().values()))
     from transformers import AutoConfig, AutoModel
 
     assert isinstance(AutoModel.from_pretrained(tmp_path / "t"), VARTransformer)

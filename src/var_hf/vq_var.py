@@ -394,6 +394,7 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
     _supports_gradient_checkpointing = False
     _skip_layerwise_casting_patterns = ["quantizer"]
     _keep_in_fp32_modules = ["quantizer"]
+    _no_split_modules = ["VQResnetBlock", "VQAttnBlock", "MultiScaleResidualQuantizer"]  # for device_map="auto"
 
     @register_to_config
     def __init__(
