@@ -118,11 +118,15 @@ def test_written_folder_and_card(tmp_path, monkeypatch):
     assert not any("attn_bias" in k or "lvl_1L" in k or "zero_k_bias" in k for k in transformer_keys)
 
 
-def test_official_file_names_are_checked_by_sha256(tmp_path):
+def test_official_file_names_are_checked_by_sha256(tmp_path, capsys):
     shutil.copy(golden_files(NAME)["var"], tmp_path / "var_d16.pth")
     args = ["--vae", str(golden_files(NAME)["vae"]), "--var", str(tmp_path / "var_d16.pth"), "--output", str(tmp_path / "out")]
     assert main(args) == 2 and not (tmp_path / "out").exists()
     assert main(args + ["--allow-sha256-mismatch"]) == 0
+    shutil.copy(golden_files(NAME)["var"], tmp_path / "var_d30.pth")  # a release file whose sha256 is not pinned
+    capsys.readouterr()
+    assert main(["--vae", str(golden_files(NAME)["vae"]), "--var", str(tmp_path / "var_d30.pth"), "--output", str(tmp_path / "d30")]) == 0
+    assert "var_d30.pth: no pinned sha256" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------- upstream .pth (torch.save) files
