@@ -193,6 +193,18 @@ def test_hostile_inputs_end_in_a_clear_error_and_leave_nothing(tmp_path, capsys)
         assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*")), source
 
 
+def test_many_weights_sharing_one_storage_are_refused(tmp_path):
+    """Each view is legal alone, but 100 keys over one 1 MiB storage would build a model 100x the file."""
+    from var_hf.convert_var_original import read_state_dict
+
+    shared = torch.zeros(1 << 18)
+    torch.save({f"blocks.{i}.ffn.fc1.weight": shared.view(512, 512) for i in range(100)}, tmp_path / "shared.pth")
+    with pytest.raises(ConversionError, match="storages shared"):
+        read_state_dict(tmp_path / "shared.pth")
+    torch.save({"a": shared.view(512, 512), "b": shared[:1024]}, tmp_path / "tied.pth")  # a tied pair is fine
+    assert set(read_state_dict(tmp_path / "tied.pth")) == {"a", "b"}
+
+
 def test_non_finite_weights_round_trip_bit_for_bit(tmp_path):
     state = load_file(str(golden_files(NAME)["var"]))
     state["head.bias"][3] = float("nan")

@@ -46,6 +46,7 @@ def test_pushing_an_already_saved_folder_names_the_repo_and_no_local_path(fake_h
     pipe.save_pretrained(tmp_path / "pipe", push_to_hub=True, repo_id="org/later")
     card = fake_hub.repos["org/later"]["README.md"].decode()
     assert 'VARPipeline.from_pretrained("org/later"' in card and "path/to/pipeline" not in card
+    assert "path/to/pipeline" in (tmp_path / "pipe" / "README.md").read_text()  # the local folder is left as it was
     for name, content in fake_hub.repos["org/later"].items():
         if name.endswith(".json"):
             assert "_name_or_path" not in json.loads(content), name  # where it was loaded from stays local
@@ -118,6 +119,8 @@ def test_components_load_safetensors_only(fake_hub, converted_pipelines, tmp_pat
     for load in loaders:
         with pytest.raises(PickleRefusedError, match=pickled_name):
             load(folder)
+    with pytest.raises(PickleRefusedError, match=pickled_name):  # the file named directly
+        model_class.from_pretrained(folder / pickled_name, config=str(folder / "config.json"))
     with pytest.raises(ValueError, match="safetensors weights only"):
         model_class.from_pretrained(source, use_safetensors=False)
     fake_hub.add_repo(f"org/{component}-pickled", {p.name: p.read_bytes() for p in folder.iterdir()})

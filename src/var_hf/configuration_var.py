@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from transformers import PreTrainedConfig
 
 # Token-map side lengths of the released checkpoints.
@@ -86,7 +88,8 @@ class VARConfig(PreTrainedConfig):
             if kwargs.get(key) not in VAR_ATTENTION_IMPLEMENTATIONS:
                 raise ValueError(f"{key}={kwargs[key]!r}: VAR attention is one of {VAR_ATTENTION_IMPLEMENTATIONS[1:]}")
         for key in kwargs:
-            if isinstance(VARConfig.__dict__.get(key), (property, staticmethod, classmethod)) or callable(VARConfig.__dict__.get(key)):
+            attribute = inspect.getattr_static(VARConfig, key, None)  # the class hierarchy, descriptors unevaluated
+            if isinstance(attribute, (staticmethod, classmethod)) or callable(attribute) or isinstance(VARConfig.__dict__.get(key), property):
                 raise ValueError(f"config key {key!r} is not a setting: VARConfig.{key} is derived or a method")
         # Upstream names are accepted as aliases.
         num_hidden_layers = kwargs.pop("depth", num_hidden_layers)

@@ -70,6 +70,11 @@ def read_state_dict(path: str | Path, nested_key: str | None = None, ignore_unkn
         if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
             raise ConversionError(f"{path.name}: {key} is a broadcast view of {tensor.untyped_storage().nbytes()} stored bytes "
                                   f"(shape {tuple(tensor.shape)}, strides {tensor.stride()}): not a weight")
+    stored = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in state.values()}
+    addressed = sum(tensor.numel() * tensor.element_size() for tensor in state.values())
+    if addressed > 2 * sum(stored.values()) + (1 << 20):  # tensors sharing storages: a model far larger than the file
+        raise ConversionError(f"{path.name}: its tensors address {addressed} bytes of {sum(stored.values())} stored: "
+                              "storages shared between many weights, not a state dict")
     return state
 
 
@@ -282,9 +287,11 @@ def verify_saved_pipeline(folder: Path, sources: dict[str, dict[str, torch.Tenso
 
 
 def fsync_tree(folder: Path) -> None:
-    """Flush every file and folder under `folder` (and `folder` itself) to disk."""
+    """Flush every file under `folder`, and (where the OS allows it: not Windows) the folders, to disk."""
     for path in [*sorted(folder.rglob("*")), folder]:
-        descriptor = os.open(path, os.O_RDONLY)
+        if path.is_dir() and os.name == "nt":
+            continue
+        descriptor = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR)
         try:
             os.fsync(descriptor)
         finally:
@@ -352,10 +359,18 @@ def convert_to_pipeline_folder(
                 "vqvae": map_keys(vae_state, VAE_KEY_RULES, VAE_BUFFERS),
             },
         )
-        fsync_tree(staging)  # on disk before it takes the output's name: a crash leaves the old folder or the new one
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
+        fsync_tree(staging)  # on disk before it takes the output's name
+        if output_dir.exists():  # the old folder steps aside, the new one takes its name, then the old one goes
+            previous = output_dir.with_name(f".{output_dir.name}.previous-{os.getpid()}")
+            output_dir.rename(previous)
+            try:
+                staging.rename(output_dir)
+            except BaseException:
+                previous.rename(output_dir)
+                raise
+            shutil.rmtree(previous)
+        else:
+            staging.rename(output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

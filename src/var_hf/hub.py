@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from huggingface_hub import HfApi
+from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.utils import filter_repo_objects
 
 from .model_card import PLACEHOLDER_REPO_ID
 from .safety import check_folder_has_no_pickles
@@ -35,18 +36,16 @@ def push_folder_to_hub(
         from .pipeline_var import VARPipeline
 
         write_model_card(folder, VARPipeline.from_pretrained(folder), repo_id=repo_id)
-    elif PLACEHOLDER_REPO_ID in card.read_text(encoding="utf-8"):  # a card written before the repo was known
-        card.write_text(card.read_text(encoding="utf-8").replace(PLACEHOLDER_REPO_ID, repo_id), encoding="utf-8")
+    files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    operations = []
+    for name in filter_repo_objects(files, allow_patterns=UPLOAD_ALLOW_PATTERNS):
+        content: str | bytes | Path = folder / name
+        if name == "README.md":  # a card written before the repo was known names it in the upload (the folder is left as is)
+            content = card.read_text(encoding="utf-8").replace(PLACEHOLDER_REPO_ID, repo_id).encode("utf-8")
+        operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        allow_patterns=UPLOAD_ALLOW_PATTERNS,
-        commit_message=commit_message,
-        revision=revision,
-        repo_type="model",
-    )
+    info = api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision, repo_type="model")
     return str(getattr(info, "commit_url", info))
 
 

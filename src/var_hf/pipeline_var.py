@@ -38,11 +38,11 @@ EXAMPLE_DOC_STRING = """
 
 
 def drop_local_paths(folder: str | os.PathLike) -> None:
-    """Remove the `_name_or_path` diffusers records in saved configs: the local folder a pipeline was loaded from is
-    nobody's business on the Hub (and means nothing on another machine)."""
-    for config in (Path(folder) / "model_index.json", *Path(folder).glob("*/config.json")):
-        values = json.loads(config.read_text(encoding="utf-8"))
-        if values.pop("_name_or_path", None) is not None:
+    """Remove the `_name_or_path` diffusers records in a saved pipeline's configs (model_index.json, transformer/,
+    vqvae/): the local folder it was loaded from is nobody's business on the Hub and means nothing elsewhere."""
+    for config in (Path(folder) / name for name in ("model_index.json", "transformer/config.json", "vqvae/config.json")):
+        values = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
+        if isinstance(values, dict) and values.pop("_name_or_path", None) is not None:
             config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -89,7 +89,7 @@ class VARPipeline(DiffusionPipeline):
     def __init__(self, transformer: VARTransformer, vqvae: MultiScaleVQModel, id2label: dict | None = None):
         super().__init__()
         for name, component, expected in (("transformer", transformer, VARTransformer), ("vqvae", vqvae, MultiScaleVQModel)):
-            if not isinstance(component, expected):  # e.g. a model_index.json naming another class
+            if not isinstance(getattr(component, "_orig_mod", component), expected):  # e.g. a model_index.json naming another class
                 raise TypeError(f"{name} must be a {expected.__name__}, got {type(component).__name__}")
         if list(transformer.config.patch_nums) != list(vqvae.config.patch_nums):
             raise ValueError(
@@ -465,13 +465,6 @@ class VARPipeline(DiffusionPipeline):
                 f"as upstream's g_seed does, or load the pipeline in bfloat16."
             )
 
-        # Model CPU offload (`enable_model_cpu_offload`): the scale loop needs both models and calls their helper
-        # methods, not `forward` (which would fire the offload hooks), so both are put on the device here; the vqvae
-        # first, as its hook offloads the model before it in `model_cpu_offload_seq`. `maybe_free_model_hooks` offloads.
-        for module in (vqvae, transformer):
-            if getattr(module, "_hf_hook", None) is not None:
-                module._hf_hook.pre_forward(module)
-
         # 2. Class labels (+ the null class for classifier-free guidance, batch doubled)
         if class_labels is None and editing:
             class_labels = [config.num_classes]
@@ -490,6 +483,14 @@ class VARPipeline(DiffusionPipeline):
         batch = class_ids.shape[0]
         if editing:
             edit_tokens, keep_mask = self._prepare_edit(image, edit_mask, batch)
+
+        # Model CPU offload (`enable_model_cpu_offload`), once the inputs are checked: the scale loop needs both models
+        # and calls their helper methods, not `forward` (which would fire the offload hooks), so both are put on the
+        # device here; the vqvae first, as its hook offloads the model before it in `model_cpu_offload_seq`.
+        # `maybe_free_model_hooks` offloads them again.
+        for module in (vqvae, transformer):
+            if getattr(module, "_hf_hook", None) is not None:
+                module._hf_hook.pre_forward(module)
 
         null_ids = torch.full_like(class_ids, config.num_classes)
         class_embeds = transformer.class_embed(torch.cat((class_ids, null_ids)))  # (2B, C)

@@ -49,7 +49,15 @@ def safetensors_only(pretrained_model_name_or_path, kwargs: dict) -> dict:
     """
     if kwargs.get("use_safetensors") is False:
         raise ValueError("var-hf loads safetensors weights only; use_safetensors=False is not supported")
-    if pretrained_model_name_or_path is not None and Path(pretrained_model_name_or_path).is_dir():
-        check_folder_has_no_pickles(Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or ""))
+    source = None if pretrained_model_name_or_path is None else Path(pretrained_model_name_or_path)
+    if source is not None and source.is_dir():
+        check_folder_has_no_pickles(source / (kwargs.get("subfolder") or ""))
+    elif source is not None and source.is_file():  # a weights file named directly
+        try:
+            kind = detect_format(source)  # by content, never by loading
+        except UnsafeCheckpointError as error:
+            raise PickleRefusedError(f"{source.name}: not a safetensors file ({error})") from None
+        if kind != FORMAT_SAFETENSORS:
+            raise PickleRefusedError(f"{source.name}: weights in a pickle format are refused (loading a pickle can run arbitrary code)")
     return {**kwargs, "use_safetensors": True}
 

@@ -6,6 +6,7 @@ V codebook size.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_utils import logger as diffusers_modeling_logger
 from diffusers.utils import BaseOutput
 from torch import nn
 
@@ -394,7 +396,6 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
     _supports_gradient_checkpointing = False
     _skip_layerwise_casting_patterns = ["quantizer"]
     _keep_in_fp32_modules = ["quantizer"]
-    _no_split_modules = ["VQResnetBlock", "VQAttnBlock", "MultiScaleResidualQuantizer"]  # for device_map="auto"
 
     @register_to_config
     def __init__(
@@ -463,9 +464,14 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
         return self
 
     def to(self, *args, **kwargs):
-        # `nn.Module.to` directly: diffusers' `ModelMixin.to` warns that a dtype cast also casts the float32 modules,
-        # which `_apply` above prevents (its other checks concern quantized and group-offloaded models, not this one).
-        return nn.Module.to(self, *args, **kwargs)
+        # diffusers' `ModelMixin.to` (its group-offload and quantization checks included) without its warning that a
+        # dtype cast also casts the float32 modules, which `_apply` above prevents.
+        level = diffusers_modeling_logger.level
+        diffusers_modeling_logger.setLevel(max(level, logging.ERROR))
+        try:
+            return super().to(*args, **kwargs)
+        finally:
+            diffusers_modeling_logger.setLevel(level)
 
     # ------------------------------------------------------------------------------------------------ sizes
     @property
