@@ -43,7 +43,8 @@ def test_push_to_hub_then_from_pretrained_repo_id(fake_hub, golden_pipelines):
 def test_pushing_an_already_saved_folder_names_the_repo_and_no_local_path(fake_hub, golden_pipelines, tmp_path):
     pipe = golden_pipelines[NAME]
     pipe.save_pretrained(tmp_path / "pipe")  # the card is written without a repo id first
-    pipe.save_pretrained(tmp_path / "pipe", push_to_hub=True, repo_id="org/later")
+    pipe.save_pretrained(tmp_path / "pipe", push_to_hub=True, repo_id="org/later", commit_message="first release")
+    assert huggingface_hub.HfApi().list_repo_commits("org/later")[0].title == "first release"
     card = fake_hub.repos["org/later"]["README.md"].decode()
     assert 'VARPipeline.from_pretrained("org/later"' in card and "path/to/pipeline" not in card
     assert "path/to/pipeline" in (tmp_path / "pipe" / "README.md").read_text()  # the local folder is left as it was

@@ -163,7 +163,10 @@ class VARPipeline(DiffusionPipeline):
                 raise ValueError("push_to_hub=True needs repo_id=")
             from .hub import push_folder_to_hub
 
-            push_folder_to_hub(save_directory, repo_id, private=kwargs.get("private"), token=kwargs.get("token"))
+            push_folder_to_hub(
+                save_directory, repo_id, private=kwargs.get("private"), token=kwargs.get("token"),
+                commit_message=kwargs.get("commit_message") or "Upload VAR pipeline (var-hf)", revision=kwargs.get("revision"),
+            )
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None, commit_message: str = "Upload VAR pipeline (var-hf)", model_card_kwargs: dict | None = None) -> str:
         """Save to a temporary folder with our model card and upload only configs, safetensors and the card."""
