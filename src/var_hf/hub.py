@@ -39,7 +39,7 @@ def push_folder_to_hub(
     files = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
     operations = []
     for name in filter_repo_objects(files, allow_patterns=UPLOAD_ALLOW_PATTERNS):
-        content: str | bytes | Path = folder / name
+        content: bytes | Path = folder / name
         if name == "README.md":  # a card written before the repo was known names it in the upload (the folder is left as is)
             content = card.read_text(encoding="utf-8").replace(PLACEHOLDER_REPO_ID, repo_id).encode("utf-8")
         operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))

@@ -18,7 +18,7 @@ from diffusers.utils import BaseOutput, logging
 
 from .modeling_var import VARTransformer, compile_transformer_blocks, var_allow_recompiles
 from .hub import UPLOAD_ALLOW_PATTERNS
-from .safety import check_folder_has_no_pickles
+from .safety import safetensors_only
 from .sampling_var import gumbel_soft_embedding, guided_filtered_logits, sample_tokens, sampling_generator
 from .vq_var import MultiScaleVQModel, compile_vq_decoder
 
@@ -127,9 +127,7 @@ class VARPipeline(DiffusionPipeline):
         holding weights in any pickle format is refused before anything is loaded. `dtype=` sets the compute dtype
         (default float32; the quantizer stays float32 in any dtype).
         """
-        if kwargs.get("use_safetensors") is False:
-            raise ValueError("var-hf loads safetensors weights only; use_safetensors=False is not supported")
-        kwargs["use_safetensors"] = True
+        kwargs = safetensors_only(None, kwargs)  # use_safetensors=True; the folder is checked once it is local
         if "torch_dtype" in kwargs and "dtype" not in kwargs:
             kwargs["dtype"] = kwargs.pop("torch_dtype")
         # Default float32 (the reference mode) for both components, whatever dtype a folder was saved in (transformers
@@ -138,7 +136,7 @@ class VARPipeline(DiffusionPipeline):
         folder = Path(pretrained_model_name_or_path)
         if not folder.is_dir():
             folder = Path(cls.download(str(pretrained_model_name_or_path), **kwargs))
-        check_folder_has_no_pickles(folder)
+        kwargs = safetensors_only(folder, kwargs)
         for key in ("cache_dir", "force_download", "local_files_only", "token", "revision"):
             kwargs.pop(key, None)
         pipe = super().from_pretrained(str(folder), **kwargs)
