@@ -54,6 +54,34 @@ def test_pushing_an_already_saved_folder_names_the_repo_and_no_local_path(fake_h
             assert str(tmp_path) not in content.decode(), name
 
 
+def test_push_as_pull_request_or_to_a_branch_leaves_main_alone(fake_hub, golden_pipelines, converted_pipelines, tmp_path):
+    released, proposed = golden_pipelines[NAME], golden_pipelines["var_tiny_64_saln_legacy"]
+    released.push_to_hub("org/var-pr")
+    main_before = dict(fake_hub.repos["org/var-pr"])
+    url = proposed.push_to_hub("org/var-pr", create_pr=True, commit_message="proposal")
+    assert url.endswith("/org/var-pr/discussions/1")
+    assert fake_hub.repos["org/var-pr"] == main_before  # main untouched
+    refs = huggingface_hub.HfApi().list_repo_refs("org/var-pr", include_pull_requests=True)
+    assert [pr.ref for pr in refs.pull_requests] == ["refs/pr/1"]
+    assert huggingface_hub.HfApi().list_repo_commits("org/var-pr", revision="refs/pr/1")[0].title == "proposal"
+    from_pr = VARPipeline.from_pretrained("org/var-pr", revision="refs/pr/1")
+    from_main = VARPipeline.from_pretrained("org/var-pr")
+    assert from_pr.transformer.config.shared_adaln and not from_main.transformer.config.shared_adaln
+    assert all(torch.equal(a, b) for a, b in zip(sample_tokens(proposed), sample_tokens(from_pr)))
+
+    # a branch that does not exist yet is created from main, and main stays as it was
+    folder = tmp_path / "pipe"
+    shutil.copytree(converted_pipelines["var_tiny_64_saln_legacy"], folder)
+    assert cli_main(["push", str(folder), "org/var-pr", "--revision", "dev"]) == 0
+    assert fake_hub.repos["org/var-pr"] == main_before
+    assert VARPipeline.from_pretrained("org/var-pr", revision="dev").transformer.config.shared_adaln
+    assert cli_main(["push", str(folder), "org/var-pr", "--create-pr"]) == 0
+    refs = huggingface_hub.HfApi().list_repo_refs("org/var-pr", include_pull_requests=True)
+    assert sorted(pr.ref for pr in refs.pull_requests) == ["refs/pr/1", "refs/pr/2"]
+    assert fake_hub.repos["org/var-pr"] == main_before
+    assert not fake_hub.blocked_connections and not fake_hub.unhandled
+
+
 def test_cli_push_uploads_only_the_allow_list(fake_hub, converted_pipelines, tmp_path):
     folder = tmp_path / "pipe"
     shutil.copytree(converted_pipelines[NAME], folder)

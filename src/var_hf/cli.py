@@ -100,7 +100,7 @@ def cmd_edit(args) -> int:
 def cmd_push(args) -> int:
     from .hub import push_folder_to_hub
 
-    url = push_folder_to_hub(args.folder, args.repo_id, private=args.private)
+    url = push_folder_to_hub(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr)
     print(f"pushed {args.folder} to {args.repo_id}: {url}")
     return 0
 
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("folder")
     push.add_argument("repo_id")
     push.add_argument("--private", action="store_true", default=None)
+    push.add_argument("--revision", default=None, help="branch to commit to, created if missing (default: main)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.set_defaults(func=cmd_push)
     return parser
 

@@ -21,8 +21,13 @@ def push_folder_to_hub(
     token: str | None = None,
     commit_message: str = "Upload VAR pipeline (var-hf)",
     revision: str | None = None,
+    create_pr: bool = False,
 ) -> str:
-    """Create `repo_id` if needed and upload the pipeline in `folder` (configs, safetensors, card). Returns the commit URL."""
+    """
+    Create `repo_id` if needed and upload the pipeline in `folder` (configs, safetensors, card) as one commit to
+    `revision` (default `main`; a missing branch is created), or as a pull request against it with `create_pr=True`.
+    Returns the commit URL, or the pull request's URL.
+    """
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise ValueError(f"{folder} is not a pipeline folder (no model_index.json)")
@@ -45,7 +50,13 @@ def push_folder_to_hub(
         operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision, repo_type="model")
+    if revision is not None:  # as transformers' push_to_hub: a new branch starts from main
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    info = api.create_commit(
+        repo_id, operations=operations, commit_message=commit_message, revision=revision, create_pr=create_pr, repo_type="model"
+    )
+    if create_pr and getattr(info, "pr_url", None):
+        return str(info.pr_url)
     return str(getattr(info, "commit_url", info))
 
 

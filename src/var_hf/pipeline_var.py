@@ -164,10 +164,24 @@ class VARPipeline(DiffusionPipeline):
             push_folder_to_hub(
                 save_directory, repo_id, private=kwargs.get("private"), token=kwargs.get("token"),
                 commit_message=kwargs.get("commit_message") or "Upload VAR pipeline (var-hf)", revision=kwargs.get("revision"),
+                create_pr=bool(kwargs.get("create_pr", False)),
             )
 
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None, commit_message: str = "Upload VAR pipeline (var-hf)", model_card_kwargs: dict | None = None) -> str:
-        """Save to a temporary folder with our model card and upload only configs, safetensors and the card."""
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload VAR pipeline (var-hf)",
+        revision: str | None = None,
+        create_pr: bool = False,
+        model_card_kwargs: dict | None = None,
+    ) -> str:
+        """
+        Save to a temporary folder with our model card and upload only configs, safetensors and the card, as one commit
+        to `revision` (default `main`) or, with `create_pr=True`, as a pull request. Returns the commit or PR URL.
+        """
         import tempfile
 
         from .hub import push_folder_to_hub
@@ -177,7 +191,10 @@ class VARPipeline(DiffusionPipeline):
             super().save_pretrained(folder, safe_serialization=True)
             drop_local_paths(folder)
             write_model_card(folder, self, repo_id=repo_id, **(model_card_kwargs or {}))
-            return push_folder_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message)
+            return push_folder_to_hub(
+                folder, repo_id, private=private, token=token, commit_message=commit_message, revision=revision,
+                create_pr=create_pr,
+            )
 
     def compile(
         self,
