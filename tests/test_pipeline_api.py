@@ -264,6 +264,21 @@ def test_model_cpu_offload_puts_both_models_on_the_device_for_the_scale_loop(con
     assert torch.equal(out.images, expected.images)
 
 
+@pytest.mark.parametrize("method", ["enable_sequential_cpu_offload", "enable_group_offload"])
+def test_per_layer_offload_is_refused_clearly_and_changes_nothing(converted_pipelines, method):
+    """Per-layer offload hooks run on `forward`, which the scale loop bypasses: accepted, it failed deep inside accelerate
+    (or, on a GPU, with a device mismatch). Refused up front, naming what works; the pipeline stays usable."""
+    pipe = VARPipeline.from_pretrained(converted_pipelines[NAME])
+    pipe.set_progress_bar_config(disable=True)
+    expected = sample(pipe, class_labels=[1, 4], output_type="pt")
+    with pytest.raises(NotImplementedError, match="enable_model_cpu_offload"):
+        getattr(pipe, method)(device="cpu") if method == "enable_sequential_cpu_offload" else pipe.enable_group_offload(
+            onload_device=torch.device("cpu"), offload_type="leaf_level"
+        )
+    assert not any(hasattr(module, "_hf_hook") or getattr(module, "_diffusers_hook", None) for module in pipe.transformer.modules())
+    assert torch.equal(sample(pipe, class_labels=[1, 4], output_type="pt").images, expected.images)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_model_cpu_offload_on_a_gpu(converted_pipelines):
     reference = VARPipeline.from_pretrained(converted_pipelines[NAME]).to("cuda")

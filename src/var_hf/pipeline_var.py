@@ -196,6 +196,21 @@ class VARPipeline(DiffusionPipeline):
                 create_pr=create_pr,
             )
 
+    def enable_sequential_cpu_offload(self, *args, **kwargs):
+        """Not supported: use `enable_model_cpu_offload()` (whole models move to the device for each call)."""
+        raise NotImplementedError(
+            "VARPipeline does not support enable_sequential_cpu_offload: its sampling loop reads weights through helper "
+            "methods (static KV cache, fused qkv), which per-layer offload hooks never see. Use "
+            "pipe.enable_model_cpu_offload() instead; even VAR-d30 needs only ~8 GiB in float32 (4 GiB in bfloat16)."
+        )
+
+    def enable_group_offload(self, *args, **kwargs):
+        """Not supported, for the same reason as `enable_sequential_cpu_offload`: use `enable_model_cpu_offload()`."""
+        raise NotImplementedError(
+            "VARPipeline does not support enable_group_offload: its sampling loop reads weights through helper methods "
+            "that group offload hooks never see. Use pipe.enable_model_cpu_offload() instead."
+        )
+
     def compile(
         self,
         *,
