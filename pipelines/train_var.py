@@ -15,6 +15,7 @@ gradient clipping at 2.0, a frozen float32 tokenizer. Output layout of `--output
     pipeline/                 the trained VARPipeline (configs, safetensors, README.md): load, share or push this
     checkpoints/checkpoint-N/ accelerate states for --resume_from_checkpoint (hold pickles: local use only)
     samples/step-N.png        validation grids (one row per class)
+    lora_adapter/             with --use_lora: the adapters alone (peft format, safetensors); pipeline/ has them merged
     metrics.jsonl, logs/      per-step metrics, tracker logs
 """
 
@@ -78,6 +79,7 @@ logger = get_logger(__name__, log_level="INFO")
 
 PIPELINE_SUBFOLDER = "pipeline"
 CHECKPOINTS_SUBFOLDER = "checkpoints"
+LORA_SUBFOLDER = "lora_adapter"
 
 
 class TrainingInputError(ValueError):
@@ -148,6 +150,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--progressive_initial_scale", type=int, default=4, help="last scale index trained at the start (upstream pg0)")
     train.add_argument("--progressive_warmup_steps", type=int, default=0, help="steps over which a newly added scale ramps its loss weight (upstream pgwp)")
 
+    lora = parser.add_argument_group("LoRA: low-rank adapters on a frozen pretrained transformer (needs peft: pip install 'var-hf[lora]')")
+    lora.add_argument("--use_lora", action="store_true", help="train LoRA adapters instead of every weight; the exported pipeline has them merged in, lora_adapter/ holds them alone (peft format, safetensors)")
+    lora.add_argument("--lora_rank", type=int, default=16)
+    lora.add_argument("--lora_alpha", type=float, default=None, help="adapter scale numerator: scale = alpha / rank (default: the rank, scale 1)")
+    lora.add_argument("--lora_dropout", type=float, default=0.0)
+    lora.add_argument("--lora_target_modules", nargs="+", default=list(LORA_TARGET_MODULES), help="linears of every block to adapt (add adaln_modulation to adapt the AdaLN projections too)")
+    lora.add_argument("--lora_freeze_class_embedding", action="store_true", help="keep the class embedding frozen too (default: trained in full, as new or resized classes need it)")
+
     ckpt = parser.add_argument_group("checkpoints")
     ckpt.add_argument("--checkpointing_steps", type=int, default=500, help="save an accelerate state every N steps")
     ckpt.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints")
@@ -177,10 +187,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 1")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         parser.error("--max_train_steps must be >= 1")
+    if args.use_lora:
+        if args.pretrained_model_name_or_path is None:
+            parser.error("--use_lora adapts a pretrained transformer: pass --pretrained_model_name_or_path")
+        if args.use_ema:
+            parser.error("--use_lora and --use_ema together are not supported")
+        if args.lora_rank < 1 or not 0 <= args.lora_dropout < 1:
+            parser.error("--lora_rank must be >= 1 and --lora_dropout in [0, 1)")
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------------- models
+LORA_TARGET_MODULES = ("qkv_proj", "out_proj", "fc1", "fc2")
+
+
+def add_lora_adapters(transformer: VARTransformer, args) -> torch.nn.Module:
+    """Freeze the transformer and wrap it with peft LoRA adapters (plus a trained copy of the class embedding)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise TrainingInputError("--use_lora needs peft: pip install 'var-hf[lora]' (or pip install peft)") from error
+    config = LoraConfig(
+        r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, lora_dropout=args.lora_dropout,
+        target_modules=list(args.lora_target_modules), modules_to_save=None if args.lora_freeze_class_embedding else ["class_embed"],
+    )
+    try:
+        return get_peft_model(transformer, config)
+    except ValueError as error:  # e.g. a target module name that no layer has
+        raise TrainingInputError(f"--lora_target_modules {' '.join(args.lora_target_modules)}: {error}") from None
+
+
+def save_lora_adapter(peft_model, folder: Path) -> None:
+    """The adapters alone (adapter_config.json + adapter_model.safetensors, peft's format), written complete or not at all."""
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    peft_model.save_pretrained(staging, safe_serialization=True)
+    (staging / "README.md").unlink(missing_ok=True)  # peft's blank card template; pipeline/README.md describes the run
+    check_folder_has_no_pickles(staging)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    logger.info(f"saved the LoRA adapters to {folder}")
+
+
+def var_model(model: torch.nn.Module) -> VARTransformer:
+    """The VARTransformer inside a peft wrapper (its LoRA layers still active), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def load_tokenizer(path: str, revision: str | None) -> MultiScaleVQModel:
     """A `MultiScaleVQModel` from a pipeline folder/repo (its vqvae/) or a vqvae folder; safetensors only."""
     folder = Path(path)
@@ -414,6 +467,11 @@ def training_card_text(args, argv: list[str], dataset, id2label: dict, class_dro
         ("label dropout", f"{class_dropout_prob:g} to the null class"),
         ("EMA", f"yes (decay {args.ema_decay}), exported weights are the EMA" if args.use_ema else "no"),
     ]
+    if args.use_lora:
+        scale = (args.lora_alpha or args.lora_rank) / args.lora_rank
+        class_embedding = "frozen" if args.lora_freeze_class_embedding else "trained in full"
+        targets = ", ".join(args.lora_target_modules)
+        rows.append(("LoRA", f"rank {args.lora_rank}, scale {scale:g}, on {targets}; class embedding {class_embedding}; merged into the exported weights"))
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
     return (
         f"Trained with `pipelines/train_var.py` (var-hf {var_hf.__version__}, 🤗 Accelerate).\n\n"
@@ -452,6 +510,8 @@ def main(args: list[str] | argparse.Namespace | None = None) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     if args.use_ema and not sampling_supported(accelerator):
         raise TrainingInputError("--use_ema needs unsharded parameters: not supported with FSDP or DeepSpeed ZeRO-3")
+    if args.use_lora and accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise TrainingInputError("--use_lora runs on one process or with DDP (multi-GPU, multi-node); FSDP and DeepSpeed are not supported")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     resume_path = resolve_resume_checkpoint(args, checkpoints_dir)
@@ -504,8 +564,12 @@ def main(args: list[str] | argparse.Namespace | None = None) -> dict:
             transformer.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.use_lora:
+        transformer = add_lora_adapters(transformer, args)  # peft model: only adapters (and the class embedding) train
+        trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+        logger.info(f"LoRA rank {args.lora_rank}: {trainable:,} trainable of {sum(p.numel() for p in transformer.parameters()):,} parameters")
     if args.torch_compile:
-        compile_transformer_blocks(transformer)
+        compile_transformer_blocks(var_model(transformer))
 
     ema = None
     if args.use_ema:
@@ -537,7 +601,7 @@ def main(args: list[str] | argparse.Namespace | None = None) -> dict:
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * num_update_steps_per_epoch
     num_train_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
-    depth = accelerator.unwrap_model(transformer).config.num_hidden_layers
+    depth = var_model(accelerator.unwrap_model(transformer)).config.num_hidden_layers
     warmup_steps = args.lr_warmup_steps if args.lr_warmup_steps is not None else round(0.02 * max_train_steps)
     schedule = VARLRWDSchedule(
         peak_lr=peak_lr, total_steps=max_train_steps, warmup_steps=warmup_steps, schedule=args.lr_scheduler,
@@ -653,7 +717,7 @@ def main(args: list[str] | argparse.Namespace | None = None) -> dict:
                     if ema is not None:
                         ema.store(unwrapped.parameters())
                         ema.copy_to(unwrapped.parameters())
-                    log_validation(unwrapped, vqvae, id2label, validation_classes, args, accelerator, global_step, output_dir)
+                    log_validation(var_model(unwrapped), vqvae, id2label, validation_classes, args, accelerator, global_step, output_dir)
                     if ema is not None:
                         ema.restore(unwrapped.parameters())
                 accelerator.wait_for_everyone()
@@ -669,9 +733,12 @@ def main(args: list[str] | argparse.Namespace | None = None) -> dict:
     if accelerator.is_main_process:
         if ema is not None:
             export = transformer_from_parameters(unwrapped, ema.shadow_params)
+        elif args.use_lora:
+            save_lora_adapter(unwrapped, output_dir / LORA_SUBFOLDER)
+            export = unwrapped.merge_and_unload()  # in place (training is over): W + (alpha / rank) · B A, a plain VARTransformer
         else:
             export = transformer_from_state_dict(unwrapped.config, state_dict)
-        export.config.class_dropout_prob = unwrapped.config.class_dropout_prob
+        export.config.class_dropout_prob = var_model(unwrapped).config.class_dropout_prob
         pipe = VARPipeline(transformer=export, vqvae=vqvae, id2label=id2label)
         staging = output_dir / f"{PIPELINE_SUBFOLDER}.tmp"
         shutil.rmtree(staging, ignore_errors=True)

@@ -430,13 +430,15 @@ def test_bad_input_message_on_the_command_line(golden_pipe, image_dir, tmp_path)
     assert "Traceback" not in proc.stderr
 
 
-def test_two_cpu_processes_with_accelerate_launch(golden_pipe, image_dir, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_cpu_processes_with_accelerate_launch(golden_pipe, image_dir, tmp_path, lora):
     """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: two CPU processes over gloo."""
     out = tmp_path / "ddp"
+    extra = {"--use_lora": True, "--lora_rank": "2"} if lora else {}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
-        str(SCRIPT), *base_args(golden_pipe, image_dir, out, **{"--max_train_steps": "4", "--checkpointing_steps": "2", "--cache_tokens": str(tmp_path / "cache")}),
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000 + lora),
+        str(SCRIPT), *base_args(golden_pipe, image_dir, out, **{"--max_train_steps": "4", "--checkpointing_steps": "2", "--cache_tokens": str(tmp_path / "cache"), **extra}),
     ]
     started = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=SUBPROCESS_ENV)
@@ -452,6 +454,7 @@ def test_two_cpu_processes_with_accelerate_launch(golden_pipe, image_dir, tmp_pa
     assert len(json.loads((tmp_path / "cache" / "cache_info.json").read_text())["shards"]) == 2  # each rank encoded its share
     pipe = VARPipeline.from_pretrained(out / "pipeline", dtype=torch.float32)
     assert pipe(class_labels=[1], generator=torch.Generator().manual_seed(0), output_type="np").images.shape == (1, 64, 64, 3)
+    assert (out / "lora_adapter" / "adapter_model.safetensors").is_file() == lora
 
 
 @needs_compiler
@@ -467,3 +470,162 @@ def test_torch_compile_flag_trains_the_same_model(train_var, golden_pipe, image_
     b = load_file(str(compiled / "pipeline/transformer/model.safetensors"))
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+
+
+# ------------------------------------------------------------------------------------------------------------------ LoRA
+LORA_TARGETS = ("qkv_proj", "out_proj", "fc1", "fc2")
+
+
+def test_lora_adapters_act_in_every_forward_and_merge_exactly(golden_pipe):
+    """peft LoRA layers on the four block matmuls (qkv included, which the attention reads through a fused bias):
+    teacher forcing, KV-cached sampling and the merged weights agree; with the adapters off, the base model comes back."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    pipe = VARPipeline.from_pretrained(golden_pipe, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    expected = load_file(str(GOLDEN / "expected.safetensors"))
+    labels, teacher_input = expected["input.labels"], expected["var.teacher_input"]
+    base_logits = pipe.transformer(class_labels=labels, teacher_input=teacher_input).logits
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA_TARGETS) + ["adaln_modulation"], init_lora_weights=False)
+    adapted = get_peft_model(pipe.transformer, config).eval()
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:  # large enough that skipping any one adapter shows in the logits
+            param.data.normal_(0, 0.2)
+    merged = copy.deepcopy(adapted).merge_and_unload()
+    assert type(merged) is type(pipe.transformer) and not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        adapted_logits = adapted(class_labels=labels, teacher_input=teacher_input).logits
+        merged_logits = merged(class_labels=labels, teacher_input=teacher_input).logits
+        with adapted.disable_adapter():  # the wrapped qkv adds its bias after the matmul: equal up to rounding
+            disabled_logits = adapted(class_labels=labels, teacher_input=teacher_input).logits
+    scale = base_logits.abs().max()
+    assert (disabled_logits - base_logits).abs().max() < 1e-6 * scale
+    assert (adapted_logits - base_logits).abs().max() > 0.05 * scale  # the adapters matter ...
+    assert (adapted_logits - merged_logits).abs().max() < 1e-5 * scale  # ... and each one acts exactly as merged
+    for target in LORA_TARGETS:  # every adapter counts: merging all but one is visibly different
+        partial = copy.deepcopy(adapted)
+        for name, module in partial.named_modules():
+            if name.endswith(target) and hasattr(module, "lora_B"):
+                module.lora_B["default"].weight.data.zero_()
+        with torch.no_grad():
+            partial_logits = partial.merge_and_unload()(class_labels=labels, teacher_input=teacher_input).logits
+        assert (partial_logits - adapted_logits).abs().max() > 1e-3 * scale, target
+
+    # Sampling through the KV cache with the adapters live == sampling the merged weights (float32, same draws).
+    live = VARPipeline(transformer=adapted.get_base_model(), vqvae=pipe.vqvae)
+    flat = VARPipeline(transformer=merged, vqvae=pipe.vqvae)
+    runs = [p(class_labels=[1, 4], top_k=1, guidance_scale=0.0, generator=torch.Generator().manual_seed(0), output_type="pt") for p in (live, flat)]
+    for p in (live, flat):
+        p.set_progress_bar_config(disable=True)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].scale_indices, runs[1].scale_indices))
+    with pytest.raises(ValueError, match="merge adapters"):
+        adapted.get_base_model().set_float8_matmuls()
+
+
+def test_lora_fine_tuning_exports_merged_weights_and_the_adapters(train_var, golden_pipe, image_dir, tmp_path, fake_hub):
+    out = tmp_path / "run"
+    result = train_var.main(base_args(golden_pipe, image_dir, out, **{
+        "--use_lora": True, "--lora_rank": "4", "--lora_alpha": "8", "--max_train_steps": "4", "--learning_rate": "5e-3",
+        "--validation_steps": "2", "--num_validation_images": "1", "--push_to_hub": True, "--hub_model_id": "fake-user/var-lora",
+    }))
+    assert result["global_step"] == 4 and all(math.isfinite(x) for x in result["losses"])
+    assert (out / "samples" / "step-2.png").is_file()  # validation sampled with the adapters live
+    adapter_dir = out / "lora_adapter"
+    assert sorted(p.name for p in adapter_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    adapter = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and sorted(config["target_modules"]) == sorted(LORA_TARGETS)
+
+    before = load_file(str(golden_pipe / "transformer" / "model.safetensors"))
+    after = load_file(str(out / "pipeline" / "transformer" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    adapted_names = set()
+    for key, weight in adapter.items():  # ...layers.0.attn.qkv_proj.lora_A.weight -> layers.0.attn.qkv_proj.weight
+        if ".lora_A." in key:
+            module = key.split("base_model.model.", 1)[1].rsplit(".lora_A.", 1)[0]
+            lora_b = adapter[key.replace(".lora_A.", ".lora_B.")]
+            assert lora_b.abs().max() > 0  # trained away from peft's zero init
+            expected_weight = before[f"{module}.weight"] + (8 / 4) * lora_b @ weight  # W + (alpha / r) · B A
+            torch.testing.assert_close(after[f"{module}.weight"], expected_weight, rtol=0, atol=1e-6)
+            adapted_names.add(f"{module}.weight")
+    depth = sum(1 for k in before if k.endswith("attn.qkv_proj.weight"))
+    assert len(adapted_names) == 4 * depth
+    trained_class_embed = next(v for k, v in adapter.items() if "class_embed" in k)
+    assert torch.equal(after["class_embed.weight"], trained_class_embed)
+    assert not torch.equal(after["class_embed.weight"], before["class_embed.weight"])  # trained in full
+    frozen = [k for k in before if k not in adapted_names and k != "class_embed.weight"]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)  # everything else untouched, bit for bit
+
+    card = (out / "pipeline" / "README.md").read_text()
+    assert "| LoRA | rank 4, scale 2" in card
+    assert set(fake_hub.repos["fake-user/var-lora"]) == {str(f) for f in pipeline_files(out / "pipeline")}  # merged pipeline only
+    pipe = VARPipeline.from_pretrained(out / "pipeline", dtype=torch.float32)
+    assert pipe(class_labels=[0], generator=torch.Generator().manual_seed(0), output_type="np").images.shape == (1, 64, 64, 3)
+
+    # the adapter folder alone, on the base model with peft, computes what the merged pipeline computes
+    from peft import PeftModel
+
+    base = VARPipeline.from_pretrained(golden_pipe, dtype=torch.float32).transformer
+    with_adapter = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    expected = load_file(str(GOLDEN / "expected.safetensors"))
+    inputs = {"class_labels": expected["input.labels"], "teacher_input": expected["var.teacher_input"]}
+    with torch.no_grad():
+        merged_logits, adapter_logits = pipe.transformer(**inputs).logits, with_adapter(**inputs).logits
+    assert (merged_logits - adapter_logits).abs().max() < 1e-5 * merged_logits.abs().max()
+
+
+def test_lora_run_resumes_to_the_same_adapters(train_var, golden_pipe, image_dir, tmp_path, monkeypatch):
+    common = {"--use_lora": True, "--lora_rank": "2", "--max_train_steps": "4", "--checkpointing_steps": "2", "--learning_rate": "5e-3", "--lora_freeze_class_embedding": True}
+    full = tmp_path / "full"
+    train_var.main(base_args(golden_pipe, image_dir, full, **common))
+
+    class Killed(Exception):
+        pass
+
+    original = train_var.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        raise Killed
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(train_var, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_var.main(base_args(golden_pipe, image_dir, resumed, **common))
+    monkeypatch.setattr(train_var, "save_checkpoint", original)
+    reset_accelerate_state()
+    train_var.main(base_args(golden_pipe, image_dir, resumed, **common, **{"--resume_from_checkpoint": "latest"}))
+    a, b = (load_file(str(folder / "lora_adapter" / "adapter_model.safetensors")) for folder in (full, resumed))
+    assert a.keys() == b.keys() and not any("class_embed" in k for k in a)  # frozen class embedding: not in the adapter
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert [m["loss"] for m in metrics(resumed)] == pytest.approx([m["loss"] for m in metrics(full)], abs=1e-6)  # steps 1-2, then 3-4 resumed
+    before = load_file(str(golden_pipe / "transformer" / "model.safetensors"))
+    after = load_file(str(resumed / "pipeline" / "transformer" / "model.safetensors"))
+    assert torch.equal(before["class_embed.weight"], after["class_embed.weight"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"--use_ema": True}, "--use_lora and --use_ema"),
+        ({"--lora_rank": "0"}, "--lora_rank must be >= 1"),
+        ({"--lora_target_modules": "no_such_linear"}, "--lora_target_modules no_such_linear"),
+    ],
+)
+def test_lora_bad_options_stop_before_training(train_var, golden_pipe, image_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    args = base_args(golden_pipe, image_dir, out, **{"--use_lora": True, **extra})
+    if "--lora_target_modules" in extra:
+        with pytest.raises(train_var.TrainingInputError, match=message):
+            train_var.main(args)
+    else:
+        with pytest.raises(SystemExit):
+            train_var.main(args)
+        assert message in capsys.readouterr().err
+    assert not (out / "pipeline").exists() and not (out / "checkpoints").exists()
+    with pytest.raises(SystemExit):  # LoRA adapts a pretrained model: from scratch it is refused
+        train_var.parse_args(["--vqvae_model_name_or_path", str(golden_pipe), "--train_data_dir", str(image_dir), "--use_lora"])

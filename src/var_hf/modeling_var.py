@@ -220,8 +220,10 @@ class VARAttention(nn.Module):
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         if isinstance(self.qkv_proj, VARFloat8Linear):
             qkv = self.qkv_proj(hidden_states, bias)  # (B, l, 3C)
-        else:
+        elif isinstance(self.qkv_proj, nn.Linear):
             qkv = F.linear(hidden_states, self.qkv_proj.weight, bias)  # (B, l, 3C), upstream's op
+        else:  # a wrapped projection (a LoRA adapter): its own forward must run, reading `.weight` would skip it
+            qkv = self.qkv_proj(hidden_states) + bias  # (B, l, 3C)
         qkv = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, l, D)
         query, key, value = qkv.unbind(0)
         if self.attn_l2_norm:
@@ -504,17 +506,23 @@ class VARTransformer(VARPreTrainedModel):
                 VARFloat8Linear(nn.Linear(16, 16, device=device, dtype=self.lm_head.weight.dtype))(torch.ones(1, 16, device=device))
             except RuntimeError as error:
                 raise ValueError(f"float8 matmuls (torch._scaled_mm) are not available on {device}: {error}") from error
-        for layer in self.layers:
-            for parent, name in ((layer.attn, "qkv_proj"), (layer.attn, "out_proj"), (layer.mlp, "fc1"), (layer.mlp, "fc2")):
-                linear = getattr(parent, name)
-                if enabled:
-                    # float8 matmuls need both dimensions to be multiples of 16; other linears stay as they are.
-                    if linear.in_features % 16 == 0 and linear.out_features % 16 == 0:
-                        setattr(parent, name, VARFloat8Linear(linear))
-                elif isinstance(linear, VARFloat8Linear):
-                    plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-                    plain.weight, plain.bias = linear.weight, linear.bias
-                    setattr(parent, name, plain)
+        targets = [
+            (parent, name)
+            for layer in self.layers
+            for parent, name in ((layer.attn, "qkv_proj"), (layer.attn, "out_proj"), (layer.mlp, "fc1"), (layer.mlp, "fc2"))
+        ]
+        if enabled and not all(isinstance(getattr(parent, name), nn.Linear) for parent, name in targets):
+            raise ValueError("float8 matmuls replace plain linears; merge adapters (e.g. LoRA: `merge_and_unload()`) first")
+        for parent, name in targets:
+            linear = getattr(parent, name)
+            if enabled:
+                # float8 matmuls need both dimensions to be multiples of 16; other linears stay as they are.
+                if linear.in_features % 16 == 0 and linear.out_features % 16 == 0:
+                    setattr(parent, name, VARFloat8Linear(linear))
+            elif isinstance(linear, VARFloat8Linear):
+                plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+                plain.weight, plain.bias = linear.weight, linear.bias
+                setattr(parent, name, plain)
 
     def setup_kv_cache(self, batch_size: int | None, dtype: torch.dtype | None = None, device=None) -> None:
         """Preallocate a static KV cache for `batch_size` rows (the CFG-doubled batch); `None` removes it."""
