@@ -312,17 +312,19 @@ def test_resume_continues_the_same_run(train_var, golden_pipe, image_dir, tmp_pa
     assert [m["lr"] for m in metrics(resumed)] == pytest.approx([m["lr"] for m in metrics(full)])
 
 
-def test_loss_decreases_on_real_photos(train_var, golden_pipe, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_loss_decreases_on_real_photos(train_var, golden_pipe, tmp_path, lora):
     data = write_photo_crops(tmp_path / "data", {"astronaut": "astronaut", "cat": "chelsea", "rocket": "rocket"}, per_class=4, seed=1)
     out = tmp_path / "run"
     result = train_var.main(base_args(golden_pipe, data, out, **{
-        "--max_train_steps": "30", "--train_batch_size": "4", "--learning_rate": "2e-3", "--lr_warmup_steps": "3",
+        "--max_train_steps": "30", "--train_batch_size": "4", "--learning_rate": "1e-2" if lora else "2e-3", "--lr_warmup_steps": "3",
         "--class_dropout_prob": "0",  # default recipe otherwise: random crops, 'lin0' decay, clipping
+        **({"--use_lora": True, "--lora_rank": "8"} if lora else {}),
     }))
     losses = result["losses"]
     assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
-    assert last < 0.7 * first, (first, last)
+    assert last < (0.8 if lora else 0.7) * first, (first, last)  # seen: 0.65 (LoRA rank 8), 0.45 (all weights)
 
 
 def test_token_cache_round_trip_and_refusal(train_var, golden_pipe, image_dir, tmp_path):
