@@ -528,6 +528,26 @@ def test_lora_adapters_act_in_every_forward_and_merge_exactly(golden_pipe):
         adapted.get_base_model().set_float8_matmuls()
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_lora_with_gradient_checkpointing_trains_every_adapter(golden_pipe, use_reentrant, capsys):
+    """Frozen base, checkpointed blocks: with reentrant checkpointing the gradients reach the adapters only if the
+    token embedding's output is marked as requiring grad (peft asks the model for `get_input_embeddings`)."""
+    from peft import LoraConfig, get_peft_model
+
+    transformer = VARPipeline.from_pretrained(golden_pipe, dtype=torch.float32).transformer.train()
+    transformer.config.class_dropout_prob = 0.0
+    transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    adapted = get_peft_model(transformer, LoraConfig(r=2, target_modules=list(LORA_TARGETS)))
+    expected = load_file(str(GOLDEN / "expected.safetensors"))
+    logits = adapted(class_labels=expected["input.labels"], teacher_input=expected["var.teacher_input"]).logits
+    tokens = torch.cat([expected[f"vae.idx.{k}"] for k in range(len(transformer.config.patch_nums))], dim=1)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+    lora_b = {name: param for name, param in adapted.named_parameters() if "lora_B" in name}
+    assert len(lora_b) == 4 * transformer.config.num_hidden_layers
+    assert all(param.grad is not None and param.grad.abs().max() > 0 for param in lora_b.values())  # B starts at 0: A gets none
+    assert not any(p.grad is not None for n, p in adapted.named_parameters() if "lora" not in n)  # the base stays frozen
+
+
 def test_lora_fine_tuning_exports_merged_weights_and_the_adapters(train_var, golden_pipe, image_dir, tmp_path, fake_hub):
     out = tmp_path / "run"
     result = train_var.main(base_args(golden_pipe, image_dir, out, **{

@@ -421,6 +421,14 @@ class VARTransformer(VARPreTrainedModel):
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------------------- helpers
+    def get_input_embeddings(self) -> nn.Module:
+        """VAR's token embedding: the projection of each scale's continuous input (upstream `word_embed`). transformers
+        and peft hook its output so that, with frozen weights (adapters), checkpointed blocks still pass gradients."""
+        return self.input_proj
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.input_proj = value
+
     @property
     def null_class_id(self) -> int:
         return self.config.num_classes
