@@ -380,6 +380,8 @@ class FakeHub:
                 if repo.branches.pop(branch, None) is None:
                     return _error(httpx2, 404, "RevisionNotFound", f"Invalid rev id: {branch}")
                 return httpx2.Response(200)
+            if branch.startswith("refs/"):  # the Hub refuses branch names under refs/ (e.g. refs/pr/1) with a 400
+                return _error(httpx2, 400, None, f"Invalid reference for a branch: {branch}")
             body = json.loads(request.content or b"{}")
             start = repo.resolve(body.get("startingPoint") or "main")
             if start is None:

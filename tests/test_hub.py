@@ -68,6 +68,11 @@ def test_push_as_pull_request_or_to_a_branch_leaves_main_alone(fake_hub, golden_
     from_main = VARPipeline.from_pretrained("org/var-pr")
     assert from_pr.transformer.config.shared_adaln and not from_main.transformer.config.shared_adaln
     assert all(torch.equal(a, b) for a, b in zip(sample_tokens(proposed), sample_tokens(from_pr)))
+    # a further commit onto the open pull request (its ref is not a branch to create)
+    released.push_to_hub("org/var-pr", revision="refs/pr/1", commit_message="revert to per-block AdaLN")
+    assert huggingface_hub.HfApi().list_repo_commits("org/var-pr", revision="refs/pr/1")[0].title == "revert to per-block AdaLN"
+    assert not VARPipeline.from_pretrained("org/var-pr", revision="refs/pr/1").transformer.config.shared_adaln
+    assert fake_hub.repos["org/var-pr"] == main_before
 
     # a branch that does not exist yet is created from main, and main stays as it was
     folder = tmp_path / "pipe"
@@ -80,6 +85,25 @@ def test_push_as_pull_request_or_to_a_branch_leaves_main_alone(fake_hub, golden_
     assert sorted(pr.ref for pr in refs.pull_requests) == ["refs/pr/1", "refs/pr/2"]
     assert fake_hub.repos["org/var-pr"] == main_before
     assert not fake_hub.blocked_connections and not fake_hub.unhandled
+
+
+def test_pull_request_against_a_branch_without_write_access(fake_hub, golden_pipelines, monkeypatch):
+    """Creating the branch is forbidden (403) for a contributor; opening a pull request against it is not."""
+    import httpx2
+
+    pipe = golden_pipelines[NAME]
+    pipe.push_to_hub("org/var-dev", revision="dev")  # the owner made the branch
+
+    def forbidden(*args, **kwargs):
+        request = httpx2.Request("POST", f"{fake_hub.endpoint}/api/models/org/var-dev/branch/dev")
+        raise huggingface_hub.errors.HfHubHTTPError("403 Forbidden", response=httpx2.Response(403, request=request))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", forbidden)
+    proposed = golden_pipelines["var_tiny_64_saln_legacy"]  # (pushing identical files would commit nothing)
+    url = proposed.push_to_hub("org/var-dev", revision="dev", create_pr=True)
+    assert url.endswith("/discussions/1")
+    with pytest.raises(huggingface_hub.errors.HfHubHTTPError, match="403"):
+        proposed.push_to_hub("org/var-dev", revision="dev")  # a direct commit needs the access it lacks
 
 
 def test_cli_push_uploads_only_the_allow_list(fake_hub, converted_pipelines, tmp_path):

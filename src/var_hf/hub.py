@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import filter_repo_objects
 
 from .model_card import PLACEHOLDER_REPO_ID
@@ -50,8 +51,12 @@ def push_folder_to_hub(
         operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision is not None:  # as transformers' push_to_hub: a new branch starts from main
-        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    if revision is not None and not revision.startswith("refs/pr/"):  # as transformers: a new branch starts from main
+        try:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        except HfHubHTTPError as error:  # without write access a pull request can still be opened against it
+            if not (create_pr and error.response is not None and error.response.status_code == 403):
+                raise
     info = api.create_commit(
         repo_id, operations=operations, commit_message=commit_message, revision=revision, create_pr=create_pr, repo_type="model"
     )
