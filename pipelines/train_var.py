@@ -192,8 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--use_lora adapts a pretrained transformer: pass --pretrained_model_name_or_path")
         if args.use_ema:
             parser.error("--use_lora and --use_ema together are not supported")
-        if args.lora_rank < 1 or not 0 <= args.lora_dropout < 1:
-            parser.error("--lora_rank must be >= 1 and --lora_dropout in [0, 1)")
+        if args.lora_rank < 1 or not 0 <= args.lora_dropout < 1 or (args.lora_alpha is not None and args.lora_alpha <= 0):
+            parser.error("--lora_rank must be >= 1, --lora_alpha > 0 and --lora_dropout in [0, 1)")
     return args
 
 
@@ -208,13 +208,17 @@ def add_lora_adapters(transformer: VARTransformer, args) -> torch.nn.Module:
     except ImportError as error:
         raise TrainingInputError("--use_lora needs peft: pip install 'var-hf[lora]' (or pip install peft)") from error
     config = LoraConfig(
-        r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, lora_dropout=args.lora_dropout,
+        r=args.lora_rank, lora_alpha=lora_alpha(args), lora_dropout=args.lora_dropout,
         target_modules=list(args.lora_target_modules), modules_to_save=None if args.lora_freeze_class_embedding else ["class_embed"],
     )
     try:
         return get_peft_model(transformer, config)
     except ValueError as error:  # e.g. a target module name that no layer has
         raise TrainingInputError(f"--lora_target_modules {' '.join(args.lora_target_modules)}: {error}") from None
+
+
+def lora_alpha(args) -> float:
+    return args.lora_rank if args.lora_alpha is None else args.lora_alpha
 
 
 def save_lora_adapter(peft_model, folder: Path) -> None:
@@ -468,7 +472,7 @@ def training_card_text(args, argv: list[str], dataset, id2label: dict, class_dro
         ("EMA", f"yes (decay {args.ema_decay}), exported weights are the EMA" if args.use_ema else "no"),
     ]
     if args.use_lora:
-        scale = (args.lora_alpha or args.lora_rank) / args.lora_rank
+        scale = lora_alpha(args) / args.lora_rank
         class_embedding = "frozen" if args.lora_freeze_class_embedding else "trained in full"
         targets = ", ".join(args.lora_target_modules)
         rows.append(("LoRA", f"rank {args.lora_rank}, scale {scale:g}, on {targets}; class embedding {class_embedding}; merged into the exported weights"))
@@ -527,6 +531,11 @@ def main(args: list[str] | argparse.Namespace | None = None) -> dict:
         pipe = VARPipeline.from_pretrained(args.pretrained_model_name_or_path, dtype=torch.float32, revision=args.revision)
         transformer, vqvae, base_id2label = pipe.transformer, pipe.vqvae, pipe.id2label
         del pipe
+        if args.use_lora and args.lora_freeze_class_embedding and (args.num_classes or 0) > transformer.config.num_classes:
+            raise TrainingInputError(
+                f"--num_classes {args.num_classes} adds classes to the model's {transformer.config.num_classes}: their embeddings "
+                "must train, so drop --lora_freeze_class_embedding"
+            )
         if args.num_classes is not None and args.num_classes != transformer.config.num_classes:
             logger.info(f"resizing the class embedding: {transformer.config.num_classes} -> {args.num_classes} classes")
             resize_class_embedding(transformer, args.num_classes)

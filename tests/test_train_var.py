@@ -529,7 +529,7 @@ def test_lora_adapters_act_in_every_forward_and_merge_exactly(golden_pipe):
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_lora_with_gradient_checkpointing_trains_every_adapter(golden_pipe, use_reentrant, capsys):
+def test_lora_with_gradient_checkpointing_trains_every_adapter(golden_pipe, use_reentrant):
     """Frozen base, checkpointed blocks: with reentrant checkpointing the gradients reach the adapters only if the
     token embedding's output is marked as requiring grad (peft asks the model for `get_input_embeddings`)."""
     from peft import LoraConfig, get_peft_model
@@ -600,6 +600,24 @@ def test_lora_fine_tuning_exports_merged_weights_and_the_adapters(train_var, gol
     assert (merged_logits - adapter_logits).abs().max() < 1e-5 * merged_logits.abs().max()
 
 
+def test_lora_adapter_of_a_resized_class_embedding_loads_onto_a_resized_base(train_var, golden_pipe, image_dir, tmp_path):
+    """With --num_classes the adapter carries the resized class embedding: resize the base the same way, then load it."""
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    train_var.main(base_args(golden_pipe, image_dir, out, **{"--use_lora": True, "--lora_rank": "2", "--num_classes": "3", "--max_train_steps": "2"}))
+    merged = VARPipeline.from_pretrained(out / "pipeline", dtype=torch.float32).transformer
+    assert merged.config.num_classes == 3
+    base = VARPipeline.from_pretrained(golden_pipe, dtype=torch.float32).transformer
+    resize_class_embedding(base, 3)
+    with_adapter = PeftModel.from_pretrained(base, str(out / "lora_adapter")).eval()
+    expected = load_file(str(GOLDEN / "expected.safetensors"))
+    inputs = {"class_labels": torch.tensor([0, 2]), "teacher_input": expected["var.teacher_input"]}
+    with torch.no_grad():
+        a, b = merged(**inputs).logits, with_adapter(**inputs).logits
+    assert (a - b).abs().max() < 1e-5 * a.abs().max()
+
+
 def test_lora_run_resumes_to_the_same_adapters(train_var, golden_pipe, image_dir, tmp_path, monkeypatch):
     common = {"--use_lora": True, "--lora_rank": "2", "--max_train_steps": "4", "--checkpointing_steps": "2", "--learning_rate": "5e-3", "--lora_freeze_class_embedding": True}
     full = tmp_path / "full"
@@ -631,17 +649,19 @@ def test_lora_run_resumes_to_the_same_adapters(train_var, golden_pipe, image_dir
 
 
 @pytest.mark.parametrize(
-    "extra, message",
+    "extra, message, at_parse",
     [
-        ({"--use_ema": True}, "--use_lora and --use_ema"),
-        ({"--lora_rank": "0"}, "--lora_rank must be >= 1"),
-        ({"--lora_target_modules": "no_such_linear"}, "--lora_target_modules no_such_linear"),
+        ({"--use_ema": True}, "--use_lora and --use_ema", True),
+        ({"--lora_rank": "0"}, "--lora_rank must be >= 1", True),
+        ({"--lora_alpha": "0"}, "--lora_alpha > 0", True),
+        ({"--lora_target_modules": "no_such_linear"}, "--lora_target_modules no_such_linear", False),
+        ({"--lora_freeze_class_embedding": True, "--num_classes": "12"}, "drop --lora_freeze_class_embedding", False),
     ],
 )
-def test_lora_bad_options_stop_before_training(train_var, golden_pipe, image_dir, tmp_path, capsys, extra, message):
+def test_lora_bad_options_stop_before_training(train_var, golden_pipe, image_dir, tmp_path, capsys, extra, message, at_parse):
     out = tmp_path / "run"
     args = base_args(golden_pipe, image_dir, out, **{"--use_lora": True, **extra})
-    if "--lora_target_modules" in extra:
+    if not at_parse:
         with pytest.raises(train_var.TrainingInputError, match=message):
             train_var.main(args)
     else:

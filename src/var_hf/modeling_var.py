@@ -223,7 +223,8 @@ class VARAttention(nn.Module):
         elif isinstance(self.qkv_proj, nn.Linear):
             qkv = F.linear(hidden_states, self.qkv_proj.weight, bias)  # (B, l, 3C), upstream's op
         else:  # a wrapped projection (a LoRA adapter): its own forward must run, reading `.weight` would skip it
-            qkv = self.qkv_proj(hidden_states) + bias  # (B, l, 3C)
+            qkv = self.qkv_proj(hidden_states)  # (B, l, 3C)
+            qkv = qkv + bias.to(qkv.dtype)  # (under autocast F.linear casts the bias too)
         qkv = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, l, D)
         query, key, value = qkv.unbind(0)
         if self.attn_l2_norm:
