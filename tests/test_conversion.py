@@ -129,6 +129,20 @@ def test_official_file_names_are_checked_by_sha256(tmp_path, capsys):
     assert "var_d30.pth: no pinned sha256" in capsys.readouterr().out
 
 
+def test_release_files_are_recognised_by_content_whatever_their_name(tmp_path):
+    """A renamed release file is verified by its sha256 (the card says which release it is); others are marked as not."""
+    from var_hf.convert_var_original import sha256_of
+
+    files = golden_files(NAME)
+    pinned = {"var_d16.pth": sha256_of(files["var"]), "vae_ch160v4096z32.pth": "0" * 64}  # stand-ins for the release table
+    logged = []
+    folder = convert_to_pipeline_folder(files["vae"], files["var"], tmp_path / "out", expected_sha256=pinned, log=logged.append)
+    assert f"{files['var'].name}: sha256 matches the official var_d16.pth" in logged
+    card = (folder / "README.md").read_text()
+    assert f"| `{files['var'].name}` | `{pinned['var_d16.pth']}` | `var_d16.pth` (sha256 matches) |" in card
+    assert f"| `{files['vae'].name}` | `{sha256_of(files['vae'])}` | no (not a pinned release file) |" in card
+
+
 # ------------------------------------------------------------------------------------- upstream .pth (torch.save) files
 def save_upstream_pth(state, path, **kwargs):
     """Exactly how upstream wrote its checkpoints: torch.save of the state dict."""

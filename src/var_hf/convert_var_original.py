@@ -322,11 +322,16 @@ def convert_to_pipeline_folder(
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} exists; pass --overwrite to replace it")
-    sources = {}
+    pinned = expected_sha256 or OFFICIAL_SHA256
+    sources, official_sources = {}, {}
     for path in (Path(vae_path), Path(var_path)):
         digest = sha256_of(path)
         sources[path.name] = digest
-        known = (expected_sha256 or OFFICIAL_SHA256).get(path.name)
+        # identified by content, whatever the file is called (a renamed release file is verified too)
+        official_sources[path.name] = next((name for name, pinned_digest in pinned.items() if pinned_digest == digest), None)
+        if official_sources[path.name] not in (None, path.name):
+            log(f"{path.name}: sha256 matches the official {official_sources[path.name]}")
+        known = pinned.get(path.name)
         if known is None and OFFICIAL_FILE_NAME.fullmatch(path.name):
             log(f"warning: {path.name}: no pinned sha256 for this release file; its digest {digest} goes into the model card, check it yourself")
         if known is not None and known != digest:
@@ -351,7 +356,7 @@ def convert_to_pipeline_folder(
     try:
         log(f"writing {output_dir}")
         pipe.save_pretrained(staging)
-        write_model_card(staging, pipe, sources=sources, converter_version=CONVERTER_VERSION)
+        write_model_card(staging, pipe, sources=sources, official_sources=official_sources, converter_version=CONVERTER_VERSION)
         verify_saved_pipeline(
             staging,
             {

@@ -24,6 +24,7 @@ def render_model_card(
     title: str | None = None,
     sources: dict[str, str] | None = None,
     converter_version: str | None = None,
+    official_sources: dict[str, str | None] | None = None,
     base_model: str | None = None,
     training: str | None = None,
     license: str = "mit",
@@ -46,9 +47,12 @@ def render_model_card(
         lines.append(f"Converted from the upstream FoundationVision/VAR checkpoints by var-hf {__version__} "
                      f"(converter version {converter_version}) without unpickling anything:")
         lines.append("")
-        lines.append("| file | sha256 |")
-        lines.append("|---|---|")
-        lines.extend(f"| `{name}` | `{digest}` |" for name, digest in sources.items())
+        lines.append("| file | sha256 | official release file |")
+        lines.append("|---|---|---|")
+        for name, digest in sources.items():
+            official = (official_sources or {}).get(name)
+            verdict = f"`{official}` (sha256 matches)" if official else "no (not a pinned release file)"
+            lines.append(f"| `{name}` | `{digest}` | {verdict} |")
     if training:
         lines.append(training)
     if not lines:
