@@ -227,10 +227,15 @@ def save_lora_adapter(peft_model, folder: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     peft_model.save_pretrained(staging, safe_serialization=True)
     (staging / "README.md").unlink(missing_ok=True)  # peft's blank card template; pipeline/README.md describes the run
+    move_into_place(staging, folder)
+    logger.info(f"saved the LoRA adapters to {folder}")
+
+
+def move_into_place(staging: Path, folder: Path) -> None:
+    """Replace `folder` by the finished `staging` folder, once it is checked to hold no pickles."""
     check_folder_has_no_pickles(staging)
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
-    logger.info(f"saved the LoRA adapters to {folder}")
 
 
 def var_model(model: torch.nn.Module) -> VARTransformer:
@@ -760,9 +765,7 @@ def main(args: list[str] | argparse.Namespace | None = None) -> dict:
         from var_hf.model_card import write_model_card
 
         write_model_card(staging, pipe, repo_id=hub_repo_id or "path/to/pipeline", training=card, base_model=base_model, datasets=datasets)
-        check_folder_has_no_pickles(staging)
-        shutil.rmtree(pipeline_dir, ignore_errors=True)
-        staging.rename(pipeline_dir)
+        move_into_place(staging, pipeline_dir)
         logger.info(f"saved the pipeline to {pipeline_dir}")
         if validate:
             pipe.to(accelerator.device)

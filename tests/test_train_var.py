@@ -137,6 +137,25 @@ def base_args(pipe: Path, data: Path, out: Path, **overrides) -> list[str]:
     return flat
 
 
+def run_until_first_checkpoint(train_var, monkeypatch, args: list[str]) -> None:
+    """Run the script and kill it right after it has written its first checkpoint, as a crash would."""
+
+    class Killed(Exception):
+        pass
+
+    original = train_var.save_checkpoint
+
+    def save_then_die(*save_args, **save_kwargs):
+        original(*save_args, **save_kwargs)
+        raise Killed
+
+    monkeypatch.setattr(train_var, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_var.main(args)
+    monkeypatch.setattr(train_var, "save_checkpoint", original)
+    reset_accelerate_state()
+
+
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -275,21 +294,8 @@ def test_resume_continues_the_same_run(train_var, golden_pipe, image_dir, tmp_pa
     full = tmp_path / "full"
     train_var.main(base_args(golden_pipe, image_dir, full, **common))
 
-    class Killed(Exception):
-        pass
-
-    original = train_var.save_checkpoint
-
-    def save_then_die(accelerator, checkpoints_dir, step, *args, **kwargs):
-        original(accelerator, checkpoints_dir, step, *args, **kwargs)
-        raise Killed(step)  # killed right after checkpoint-3 was written
-
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(train_var, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        train_var.main(base_args(golden_pipe, image_dir, resumed, **common))
-    monkeypatch.setattr(train_var, "save_checkpoint", original)
-    reset_accelerate_state()
+    run_until_first_checkpoint(train_var, monkeypatch, base_args(golden_pipe, image_dir, resumed, **common))  # killed after checkpoint-3
     # A later save killed half-way leaves a .tmp folder behind: `latest` must ignore it.
     (resumed / "checkpoints" / "checkpoint-5.tmp").mkdir()
     (resumed / "checkpoints" / "checkpoint-5.tmp" / "model.safetensors").write_bytes(b"partial")
@@ -623,21 +629,8 @@ def test_lora_run_resumes_to_the_same_adapters(train_var, golden_pipe, image_dir
     full = tmp_path / "full"
     train_var.main(base_args(golden_pipe, image_dir, full, **common))
 
-    class Killed(Exception):
-        pass
-
-    original = train_var.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        original(*args, **kwargs)
-        raise Killed
-
     resumed = tmp_path / "resumed"
-    monkeypatch.setattr(train_var, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        train_var.main(base_args(golden_pipe, image_dir, resumed, **common))
-    monkeypatch.setattr(train_var, "save_checkpoint", original)
-    reset_accelerate_state()
+    run_until_first_checkpoint(train_var, monkeypatch, base_args(golden_pipe, image_dir, resumed, **common))
     train_var.main(base_args(golden_pipe, image_dir, resumed, **common, **{"--resume_from_checkpoint": "latest"}))
     a, b = (load_file(str(folder / "lora_adapter" / "adapter_model.safetensors")) for folder in (full, resumed))
     assert a.keys() == b.keys() and not any("class_embed" in k for k in a)  # frozen class embedding: not in the adapter

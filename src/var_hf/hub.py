@@ -13,6 +13,7 @@ from .safety import check_folder_has_no_pickles
 
 # What a published pipeline consists of (uploaded and downloaded); optimizer/RNG states, checkpoints, code stay local.
 UPLOAD_ALLOW_PATTERNS = ["*.json", "*.safetensors", "README.md"]
+DEFAULT_COMMIT_MESSAGE = "Upload VAR pipeline (var-hf)"
 
 
 def push_folder_to_hub(
@@ -20,7 +21,7 @@ def push_folder_to_hub(
     repo_id: str,
     private: bool | None = None,
     token: str | None = None,
-    commit_message: str = "Upload VAR pipeline (var-hf)",
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
     revision: str | None = None,
     create_pr: bool = False,
 ) -> str:
@@ -65,4 +66,4 @@ def push_folder_to_hub(
     return str(getattr(info, "commit_url", info))
 
 
-__all__ = ["push_folder_to_hub", "UPLOAD_ALLOW_PATTERNS"]
+__all__ = ["push_folder_to_hub", "UPLOAD_ALLOW_PATTERNS", "DEFAULT_COMMIT_MESSAGE"]

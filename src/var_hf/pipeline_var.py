@@ -17,7 +17,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput, logging
 
 from .modeling_var import VARTransformer, compile_transformer_blocks, var_allow_recompiles
-from .hub import UPLOAD_ALLOW_PATTERNS
+from .hub import DEFAULT_COMMIT_MESSAGE, UPLOAD_ALLOW_PATTERNS
 from .safety import safetensors_only
 from .sampling_var import gumbel_soft_embedding, guided_filtered_logits, sample_tokens, sampling_generator
 from .vq_var import MultiScaleVQModel, compile_vq_decoder
@@ -163,7 +163,7 @@ class VARPipeline(DiffusionPipeline):
 
             push_folder_to_hub(
                 save_directory, repo_id, private=kwargs.get("private"), token=kwargs.get("token"),
-                commit_message=kwargs.get("commit_message") or "Upload VAR pipeline (var-hf)", revision=kwargs.get("revision"),
+                commit_message=kwargs.get("commit_message") or DEFAULT_COMMIT_MESSAGE, revision=kwargs.get("revision"),
                 create_pr=bool(kwargs.get("create_pr", False)),
             )
 
@@ -173,7 +173,7 @@ class VARPipeline(DiffusionPipeline):
         *,
         private: bool | None = None,
         token: str | None = None,
-        commit_message: str = "Upload VAR pipeline (var-hf)",
+        commit_message: str = DEFAULT_COMMIT_MESSAGE,
         revision: str | None = None,
         create_pr: bool = False,
         model_card_kwargs: dict | None = None,
